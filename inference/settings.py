@@ -1,0 +1,109 @@
+"""Every runtime setting of the endpoint, resolved argument → environment variable → default.
+
+Read at call time (not import time), so a test or a server can set the environment and build a new
+``Settings``. The CDK stacks set the same variable names on the SageMaker Model; README.md lists them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from .errors import InvalidRequest
+
+TASKS = ("retrieval.query", "retrieval.passage", "separation", "classification", "text-matching")
+ENCODINGS = ("float", "base64", "binary", "ubinary")
+
+# variable name, default, help (README.md is generated from the same words)
+ENV = {
+    "default_task": ("JV3_DEFAULT_TASK", "text-matching", "task adapter used when a request names none"),
+    "default_dimensions": ("JV3_DEFAULT_DIMENSIONS", "", "Matryoshka size used when a request names none (empty: full 1024)"),
+    "default_encoding": ("JV3_DEFAULT_ENCODING", "float", "embedding encoding when a request names none: float, base64, binary, ubinary"),
+    "tasks": ("JV3_TASKS", ",".join(TASKS), "comma-separated task adapters to prepare weights for (fewer tasks, less GPU memory)"),
+    "max_batch_tokens": ("JV3_MAX_BATCH_TOKENS", "", "token budget of one forward pass (empty: 65536 on GPU, 8192 on CPU)"),
+    "max_seq_length": ("JV3_MAX_SEQ_LENGTH", "8192", "longest text in tokens; longer ones are truncated or refused"),
+    "late_chunking_overlap": ("JV3_LATE_CHUNKING_OVERLAP", "512", "token overlap of the windows of long late chunking"),
+    "device": ("JV3_DEVICE", "auto", "torch device: auto (cuda when present), cuda, cuda:1, cpu"),
+    "dtype": ("JV3_DTYPE", "auto", "weights and activations: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32"),
+    "batch_wait_ms": ("JV3_BATCH_WAIT_MS", "2", "local/BYOC server: how long a request waits for others to share its forward pass"),
+    "max_request_bytes": ("JV3_MAX_REQUEST_BYTES", str(6 * 1024 * 1024), "largest request body (SageMaker's real-time limit is 6 MB)"),
+    "request_timeout_s": ("JV3_REQUEST_TIMEOUT_S", "60", "local/BYOC server: seconds before a request is answered 503"),
+    "log_level": ("JV3_LOG_LEVEL", "INFO", "log level of the endpoint's loggers"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    default_task: str
+    default_dimensions: int | None
+    default_encoding: str
+    tasks: tuple[str, ...]
+    max_batch_tokens: int | None
+    max_seq_length: int
+    late_chunking_overlap: int
+    device: str
+    dtype: str
+    batch_wait_ms: float
+    max_request_bytes: int
+    request_timeout_s: float
+    log_level: str
+
+    @classmethod
+    def resolve(cls, **overrides) -> Settings:
+        """Arguments win over ``JV3_*`` environment variables, which win over the defaults."""
+        unknown = set(overrides) - set(ENV)
+        if unknown:
+            raise TypeError(f"unknown setting(s) {sorted(unknown)}; expected one of {sorted(ENV)}")
+        raw = {}
+        for f in fields(cls):
+            var, default, _ = ENV[f.name]
+            value = overrides.get(f.name)
+            raw[f.name] = value if value is not None else os.environ.get(var, default)
+        return cls(
+            default_task=_choice(raw["default_task"], TASKS, "JV3_DEFAULT_TASK"),
+            default_dimensions=_optional_int(raw["default_dimensions"], "JV3_DEFAULT_DIMENSIONS"),
+            default_encoding=_choice(raw["default_encoding"], ENCODINGS, "JV3_DEFAULT_ENCODING"),
+            tasks=_tasks(raw["tasks"]),
+            max_batch_tokens=_optional_int(raw["max_batch_tokens"], "JV3_MAX_BATCH_TOKENS"),
+            max_seq_length=_int(raw["max_seq_length"], "JV3_MAX_SEQ_LENGTH"),
+            late_chunking_overlap=_int(raw["late_chunking_overlap"], "JV3_LATE_CHUNKING_OVERLAP", minimum=0),
+            device=str(raw["device"]),
+            dtype=_choice(raw["dtype"], ("auto", "bfloat16", "float16", "float32"), "JV3_DTYPE"),
+            batch_wait_ms=float(raw["batch_wait_ms"]),
+            max_request_bytes=_int(raw["max_request_bytes"], "JV3_MAX_REQUEST_BYTES"),
+            request_timeout_s=float(raw["request_timeout_s"]),
+            log_level=str(raw["log_level"]).upper(),
+        )
+
+
+def _choice(value, choices, name):
+    if isinstance(value, (tuple, list)):
+        raise InvalidRequest(f"{name} must be one value, got {value!r}")
+    if value not in choices:
+        raise InvalidRequest(f"{name}={value!r} is not valid; expected one of {', '.join(choices)}")
+    return value
+
+
+def _int(value, name, minimum=1):
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"{name}={value!r} is not an integer") from None
+    if number < minimum:
+        raise InvalidRequest(f"{name}={number} must be at least {minimum}")
+    return number
+
+
+def _optional_int(value, name):
+    if value in ("", None):
+        return None
+    return _int(value, name)
+
+
+def _tasks(value) -> tuple[str, ...]:
+    names = value if isinstance(value, (tuple, list)) else [t.strip() for t in str(value).split(",") if t.strip()]
+    for name in names:
+        _choice(name, TASKS, "JV3_TASKS")
+    if not names:
+        raise InvalidRequest("JV3_TASKS names no task; expected some of " + ", ".join(TASKS))
+    return tuple(names)
