@@ -7,7 +7,8 @@
     │   └── NotAcceptable         406
     ├── CheckpointError           500  a model directory that cannot be served (raised at load)
     ├── ModelError                500  ours: a bug or a broken device
-    └── CapacityError             507/503  out of memory even after splitting the batch
+    ├── CapacityError             507/503  out of memory even after splitting the batch
+    └── RequestTimeout            503  not answered within JV3_REQUEST_TIMEOUT_S (local/BYOC server)
 """
 
 from __future__ import annotations
@@ -62,3 +63,8 @@ class ModelError(JV3Error):
 class CapacityError(JV3Error):
     status = 507
     kind = "capacity_error"
+
+
+class RequestTimeout(JV3Error):
+    status = 503
+    kind = "timeout"

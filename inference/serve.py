@@ -1,0 +1,337 @@
+"""The local endpoint and the BYOC container server: SageMaker's container contract over HTTP/1.1.
+
+    python -m inference.serve --model-dir DIR [--host 127.0.0.1] [--port 8080]   (--port 0: any free port)
+    docker run IMAGE serve                                                     (SageMaker: /opt/ml/model, 0.0.0.0:8080)
+
+Routes: ``GET /ping``, ``POST /invocations``, ``GET /execution-parameters`` (batch transform), and the
+SageMaker runtime API's own ``POST /endpoints/{name}/invocations`` so that plain boto3
+``sagemaker-runtime`` with ``endpoint_url=http://127.0.0.1:N`` works, its errors included (a container
+4xx/5xx reaches boto3 as ``ModelError``, HTTP 424, as on AWS).
+
+Handler threads parse and serialise; one batcher thread owns the model: it takes the first waiting
+request, gathers others for up to ``JV3_BATCH_WAIT_MS`` (or until a token budget is full) and embeds
+them all with one ``engine.embed_many`` call, so concurrent callers share forward passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .errors import InvalidRequest, JV3Error, ModelError, PayloadTooLarge, RequestTimeout
+from .protocol import JSON, error_body, negotiate, parse_request, write_response
+from .request import EmbedRequest, EmbedResult
+from .settings import Settings
+
+log = logging.getLogger("jv3.serve")
+
+RUNTIME_PATH = re.compile(r"^/endpoints/([A-Za-z0-9-]{1,63})/invocations$")
+DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) an oversized body up to this size to keep the connection
+
+
+class Batcher:
+    """One thread that owns the engine and embeds waiting requests together."""
+
+    def __init__(self, engine, *, wait_ms: float, max_tokens: int):
+        self.engine = engine
+        self.wait_s = max(wait_ms, 0) / 1000
+        self.max_tokens = max_tokens
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="jv3-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, requests: list[EmbedRequest]) -> _Job:
+        job = _Job(requests)
+        self._queue.put(job)
+        return job
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs, tokens, deadline = [job], job.tokens, time.monotonic() + self.wait_s
+            stop = False
+            while tokens < self.max_tokens:
+                try:
+                    nxt = self._queue.get(timeout=max(deadline - time.monotonic(), 1e-4))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                jobs.append(nxt)
+                tokens += nxt.tokens
+            self._embed([j for j in jobs if not j.abandoned])
+            if stop:
+                return
+
+    def _embed(self, jobs: list[_Job]) -> None:
+        flat = [r for job in jobs for r in job.requests]
+        if flat:
+            try:
+                results = self.engine.embed_many(flat)
+            except JV3Error as err:
+                results = [err] * len(flat)
+            except Exception as exc:  # the batcher must outlive any bug below it
+                log.exception("embed_many failed")
+                results = [ModelError(f"the model failed: {type(exc).__name__}: {exc}")] * len(flat)
+        start = 0
+        for job in jobs:
+            job.results = results[start : start + len(job.requests)] if flat else []
+            start += len(job.requests)
+            job.done.set()
+
+
+class _Job:
+    __slots__ = ("requests", "tokens", "results", "done", "abandoned")
+
+    def __init__(self, requests: list[EmbedRequest]):
+        self.requests = requests
+        # a cheap guess of the tokens (about 4 bytes of UTF-8 each) for the gathering budget
+        self.tokens = sum(len(t) // 3 + 2 for r in requests for t in r.texts)
+        self.results: list[EmbedResult | JV3Error] | None = None
+        self.done = threading.Event()
+        self.abandoned = False
+
+
+class EndpointServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, engine, settings: Settings | None = None):
+        self.engine = engine
+        self.settings = settings or engine.settings
+        self.batcher = Batcher(
+            engine, wait_ms=self.settings.batch_wait_ms, max_tokens=self.settings.max_batch_tokens or 16384
+        )
+        super().__init__(address, Handler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.batcher.close()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: every response carries Content-Length
+    server_version = "jv3-endpoint"
+    timeout = 75  # seconds an idle keep-alive connection may hold a thread
+    server: EndpointServer
+
+    # ------------------------------------------------------------------------------------ routes
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/ping":
+            self._send(200, b'{"status":"healthy"}', JSON)
+        elif path == "/execution-parameters":
+            body = {
+                "MaxConcurrentTransforms": 4,
+                "BatchStrategy": "MULTI_RECORD",
+                "MaxPayloadInMB": max(1, self.server.settings.max_request_bytes // (1024 * 1024)),
+            }
+            self._send(200, json.dumps(body).encode(), JSON)
+        else:
+            self._error(_NotFound(f"no route GET {path}; try GET /ping or POST /invocations"))
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        runtime = RUNTIME_PATH.match(path)
+        if path != "/invocations" and not runtime:
+            self._drain_body()
+            self._error(_NotFound(f"no route POST {path}; try POST /invocations"))
+            return
+        status, body, content_type = self._invoke()
+        if runtime and status >= 400:
+            status, body, content_type = _as_model_error(status, body, runtime.group(1))
+            self._send(status, body, content_type, {"x-amzn-ErrorType": "ModelError"})
+        else:
+            self._send(status, body, content_type)
+
+    def do_PUT(self) -> None:
+        self._drain_body()
+        self._error(_MethodNotAllowed(f"method PUT is not allowed on {self.path}"))
+
+    do_DELETE = do_PATCH = do_PUT
+
+    # ------------------------------------------------------------------------------------ the work
+
+    def _invoke(self) -> tuple[int, bytes, str]:
+        started = time.monotonic()
+        settings = self.server.settings
+        engine = self.server.engine
+        try:
+            body = self._read_body(settings.max_request_bytes)
+            invocation = parse_request(
+                body, self.headers.get("Content-Type"), hidden_size=engine.hidden_size, tasks=engine.tasks
+            )
+            accept = negotiate(self.headers.get("Accept"), invocation)  # 406 before any compute
+            job = self.server.batcher.submit(invocation.pending())
+            if not job.done.wait(max(settings.request_timeout_s - (time.monotonic() - started), 0)):
+                job.abandoned = True
+                raise RequestTimeout(f"no answer within {settings.request_timeout_s:g} s (JV3_REQUEST_TIMEOUT_S)")
+            invocation.complete(job.results)
+            payload, content_type = write_response(
+                invocation, accept, model=engine.model_name, default_task=settings.default_task
+            )
+            return 200, payload, content_type
+        except JV3Error as err:
+            if err.status >= 500:
+                log.error("%s: %s", type(err).__name__, err.message)
+            return err.status, error_body(err), JSON
+        except Exception as exc:  # any input must leave the server able to answer the next request
+            log.exception("unexpected failure on %s", self.path)
+            return 500, error_body(ModelError(f"internal error: {type(exc).__name__}: {exc}")), JSON
+
+    def _read_body(self, limit: int) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise _LengthRequired("chunked request bodies are not supported; send Content-Length")
+        raw = self.headers.get("Content-Length")
+        try:
+            length = int(raw) if raw is not None else 0
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise InvalidRequest(f"bad Content-Length {raw!r}", field="content_length") from None
+        if length > limit:
+            self._drain(length)
+            raise PayloadTooLarge(
+                f"request body of {length} bytes is over the limit of {limit} bytes (JV3_MAX_REQUEST_BYTES; "
+                f"SageMaker real-time endpoints allow 6 MB): split the batch",
+                field="body",
+            )
+        return self.rfile.read(length)
+
+    def _drain_body(self) -> None:
+        try:
+            self._drain(int(self.headers.get("Content-Length") or 0))
+        except ValueError:
+            self.close_connection = True
+
+    def _drain(self, length: int) -> None:
+        if length > DRAIN_LIMIT:
+            self.close_connection = True
+            return
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 16))
+            if not chunk:
+                break
+            length -= len(chunk)
+
+    # ------------------------------------------------------------------------------------ replies
+
+    def _error(self, err: JV3Error) -> None:
+        self._send(err.status, error_body(err), JSON)
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class _NotFound(JV3Error):
+    status, kind = 404, "not_found"
+
+
+class _MethodNotAllowed(JV3Error):
+    status, kind = 405, "method_not_allowed"
+
+
+class _LengthRequired(InvalidRequest):
+    status, kind = 411, "length_required"
+
+
+def _as_model_error(status: int, body: bytes, endpoint: str) -> tuple[int, bytes, str]:
+    """What the SageMaker runtime API answers when the container fails: ModelError, HTTP 424.
+
+    botocore (rest-json) reads the code from ``x-amzn-ErrorType`` and the members of the
+    ``ModelError`` shape (``Message``, ``OriginalStatusCode``, ``OriginalMessage``, ``LogStreamArn``)
+    from the JSON body.
+    """
+    original = body.decode("utf-8", "replace")
+    side = "client" if status < 500 else "server"
+    wrapped = {
+        "ErrorCode": f"{side.upper()}_ERROR_FROM_MODEL",
+        "Message": f"Received {side} error ({status}) from primary with message \"{original}\".",
+        "OriginalStatusCode": status,
+        "OriginalMessage": original,
+        "LogStreamArn": f"arn:aws:logs:local:000000000000:log-group:/aws/sagemaker/Endpoints/{endpoint}",
+    }
+    return HTTPStatus.FAILED_DEPENDENCY.value, json.dumps(wrapped).encode(), "application/json"
+
+
+def make_server(engine, host: str = "127.0.0.1", port: int = 8080, settings: Settings | None = None) -> EndpointServer:
+    """A ready server (not yet serving): call ``serve_forever()``, and ``shutdown()``/``server_close()``."""
+    return EndpointServer((host, port), engine, settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inference.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="?", choices=["serve"], help="'serve': SageMaker's container start command")
+    parser.add_argument("--model-dir", default=None, help="checkpoint or unpacked model.tar.gz (default /opt/ml/model)")
+    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 for 'serve')")
+    parser.add_argument("--port", type=int, default=None, help="port (default 8080; 0 picks a free one)")
+    args = parser.parse_args(argv)
+    in_container = args.command == "serve"
+    model_dir = args.model_dir or "/opt/ml/model"
+    host = args.host or ("0.0.0.0" if in_container else "127.0.0.1")
+    port = 8080 if args.port is None else args.port
+
+    settings = Settings.resolve()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("jv3").addHandler(handler)
+    logging.getLogger("jv3").setLevel(settings.log_level)
+
+    from .engine import Engine  # imported here so the protocol and server load without torch
+
+    try:
+        engine = Engine.load(model_dir, settings=settings)
+    except JV3Error as err:
+        print(f"error: cannot load {model_dir}: {err.message}", file=sys.stderr)
+        return 1
+    server = make_server(engine, host, port, settings)
+    bound_host, bound_port = server.server_address[:2]
+    print(f"jv3 endpoint listening on http://{bound_host}:{bound_port}", flush=True)
+
+    def stop(signum, frame):  # SIGTERM from docker stop / the quickstart: finish in-flight requests
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
