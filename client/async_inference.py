@@ -1,0 +1,210 @@
+"""``AsyncEmbeddingClient``: embeddings from a SageMaker asynchronous endpoint.
+
+Asynchronous inference takes its input from S3: each request body is staged as a JSON object under
+``s3_input_uri``, ``invoke_endpoint_async`` queues it, and the endpoint writes the response to the
+``OutputLocation`` it returns (or an error to ``FailureLocation``). ``embed`` does all three and
+polls with growing intervals until every request is answered or ``timeout`` passes. The body is the
+same Jina-format JSON as real-time, so the same container limit on request size applies and large
+inputs are split the same way; responses go to S3 and have no 6 MB limit.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import botocore.exceptions
+import numpy as np
+
+from . import aws
+from .errors import AsyncInferenceError, EndpointUnavailable, InvalidArgument, WaitTimeout
+from .realtime import DEFAULT_TASK
+from .retry import RetryPolicy
+from .wire import (
+    CONTENT_TYPE,
+    MAX_REQUEST_BYTES,
+    error_from_botocore,
+    output_dtype,
+    output_width,
+    parse_error_body,
+    parse_response,
+    plan_requests,
+    request_body,
+    validate_params,
+    validate_texts,
+)
+
+_NO_RESPONSE_LIMIT = 1 << 40
+
+
+@dataclass(frozen=True)
+class AsyncInvocation:
+    """One queued request: where its input lies and where its answer will appear."""
+
+    inference_id: str
+    input_location: str
+    output_location: str
+    failure_location: str | None
+    count: int
+    embedding_type: str
+
+
+class AsyncEmbeddingClient:
+    def __init__(
+        self,
+        endpoint_name: str,
+        *,
+        s3_input_uri: str,
+        region_name: str | None = None,
+        runtime_client=None,
+        s3_client=None,
+        max_batch_size: int = 1024,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 15.0,
+        timeout: float = 900.0,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if not endpoint_name:
+            raise InvalidArgument(f"endpoint_name must be a non-empty string, got {endpoint_name!r}")
+        self.bucket, prefix = aws.split_s3_uri(s3_input_uri)
+        self.prefix = prefix.rstrip("/")
+        self.endpoint_name = endpoint_name
+        self.max_batch_size = max_batch_size
+        self.max_request_bytes = max_request_bytes
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy(sleep=sleep)
+        self._sleep = sleep
+        self._clock = clock
+        self.runtime = runtime_client or aws.runtime_client(region_name=region_name)
+        self.s3 = s3_client or aws.client("s3", region_name=region_name)
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        task: str = DEFAULT_TASK,
+        dimensions: int | None = None,
+        late_chunking: bool = False,
+        normalized: bool = True,
+        embedding_type: str = "float",
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Stage, invoke and wait; returns the same (n, d) array as ``EmbeddingClient.embed``."""
+        invocations = self.submit(
+            texts,
+            task=task,
+            dimensions=dimensions,
+            late_chunking=late_chunking,
+            normalized=normalized,
+            embedding_type=embedding_type,
+        )
+        if not invocations:
+            return np.empty((0, output_width(dimensions, embedding_type)), dtype=output_dtype(embedding_type))
+        return self.result(invocations, timeout=timeout)
+
+    def submit(self, texts: Sequence[str], **parameters) -> list[AsyncInvocation]:
+        """Stage each request body on S3 and queue it; returns handles for ``result``."""
+        texts = validate_texts(texts)
+        params = validate_params(
+            task=parameters.pop("task", DEFAULT_TASK),
+            dimensions=parameters.pop("dimensions", None),
+            late_chunking=parameters.pop("late_chunking", False),
+            normalized=parameters.pop("normalized", True),
+            embedding_type=parameters.pop("embedding_type", "float"),
+        )
+        if parameters:
+            raise InvalidArgument(f"unknown parameter(s) {sorted(parameters)}")
+        ranges = plan_requests(
+            texts,
+            params,
+            max_batch_size=self.max_batch_size,
+            max_request_bytes=self.max_request_bytes,
+            max_response_bytes=_NO_RESPONSE_LIMIT,
+        )
+        invocations = []
+        for start, stop in ranges:
+            inference_id = uuid.uuid4().hex
+            key = f"{self.prefix}/{inference_id}.json" if self.prefix else f"{inference_id}.json"
+            self.s3.put_object(
+                Bucket=self.bucket, Key=key, Body=request_body(texts[start:stop], params), ContentType=CONTENT_TYPE
+            )
+            input_location = f"s3://{self.bucket}/{key}"
+            response = self.retry.call(lambda loc=input_location, iid=inference_id: self._invoke(loc, iid))
+            invocations.append(
+                AsyncInvocation(
+                    inference_id=response.get("InferenceId", inference_id),
+                    input_location=input_location,
+                    output_location=response["OutputLocation"],
+                    failure_location=response.get("FailureLocation"),
+                    count=stop - start,
+                    embedding_type=params.embedding_type,
+                )
+            )
+        return invocations
+
+    def result(self, invocations: Sequence[AsyncInvocation], *, timeout: float | None = None) -> np.ndarray:
+        """Poll until every invocation has an output (rows in submission order) or one has failed."""
+        deadline = self._clock() + (self.timeout if timeout is None else timeout)
+        parts: list[np.ndarray | None] = [None] * len(invocations)
+        interval = self.poll_interval
+        while True:
+            for k, invocation in enumerate(invocations):
+                if parts[k] is None:
+                    parts[k] = self._poll(invocation)
+            if all(p is not None for p in parts):
+                return np.concatenate(parts, axis=0)
+            if self._clock() >= deadline:
+                waiting = sum(p is None for p in parts)
+                raise WaitTimeout(
+                    f"{waiting} of {len(invocations)} async requests unanswered after "
+                    f"{self.timeout if timeout is None else timeout:g} s; first: {invocations[parts.index(None)].output_location}"
+                )
+            self._sleep(interval)
+            interval = min(self.max_poll_interval, interval * 1.5)
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _invoke(self, input_location: str, inference_id: str) -> dict:
+        try:
+            return self.runtime.invoke_endpoint_async(
+                EndpointName=self.endpoint_name,
+                InputLocation=input_location,
+                ContentType=CONTENT_TYPE,
+                Accept=CONTENT_TYPE,
+                InferenceId=inference_id,
+            )
+        except botocore.exceptions.ClientError as exc:
+            raise error_from_botocore(exc) from exc
+        except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as exc:
+            raise EndpointUnavailable(f"cannot reach the runtime for {self.endpoint_name!r}: {exc}") from exc
+
+    def _poll(self, invocation: AsyncInvocation) -> np.ndarray | None:
+        body = self._read(invocation.output_location)
+        if body is not None:
+            return parse_response(body, expected=invocation.count, embedding_type=invocation.embedding_type)
+        if invocation.failure_location:
+            failure = self._read(invocation.failure_location)
+            if failure is not None:
+                message, error_type, _ = parse_error_body(failure)
+                raise AsyncInferenceError(
+                    f"async request {invocation.inference_id} failed: "
+                    f"{error_type + ': ' if error_type else ''}{message}",
+                    failure_location=invocation.failure_location,
+                )
+        return None
+
+    def _read(self, uri: str) -> bytes | None:
+        bucket, key = aws.split_s3_uri(uri)
+        try:
+            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise

@@ -1,0 +1,61 @@
+"""boto3 clients as the rest of ``client`` wants them.
+
+Retries are the client's own (``client.retry``), so clients built here switch botocore's off; an
+injected client keeps whatever its owner configured. ``endpoint_url`` points the runtime at a local
+endpoint (``python -m inference.serve``), which checks no signature: dummy credentials are used
+there when the environment has none, so no AWS account is needed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import boto3
+from botocore.config import Config
+
+LOCAL_REGION = "us-east-1"
+
+
+def runtime_client(
+    *,
+    region_name: str | None = None,
+    endpoint_url: str | None = None,
+    max_pool_connections: int = 10,
+    read_timeout: float = 70.0,
+):
+    """A ``sagemaker-runtime`` client; with ``endpoint_url``, one that speaks to a local endpoint."""
+    config = Config(
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        max_pool_connections=max(10, max_pool_connections),
+        read_timeout=read_timeout,
+        connect_timeout=10,
+    )
+    kwargs: dict = {"config": config}
+    if endpoint_url:
+        kwargs["endpoint_url"] = endpoint_url
+        kwargs["region_name"] = region_name or os.environ.get("AWS_REGION") or LOCAL_REGION
+        if not os.environ.get("AWS_ACCESS_KEY_ID") and not os.environ.get("AWS_PROFILE"):
+            kwargs["aws_access_key_id"] = "local"
+            kwargs["aws_secret_access_key"] = "local"
+    elif region_name:
+        kwargs["region_name"] = region_name
+    return boto3.client("sagemaker-runtime", **kwargs)
+
+
+def client(service: str, *, region_name: str | None = None, **kwargs):
+    """Any other boto3 client (s3, sagemaker, cloudformation) in the given region."""
+    if region_name:
+        kwargs["region_name"] = region_name
+    return boto3.client(service, **kwargs)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key/prefix`` → ("bucket", "key/prefix")."""
+    from .errors import InvalidArgument
+
+    if not uri.startswith("s3://") or len(uri) <= 5:
+        raise InvalidArgument(f"expected an s3://bucket/key URI, got {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise InvalidArgument(f"expected an s3://bucket/key URI, got {uri!r}")
+    return bucket, key

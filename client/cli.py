@@ -1,0 +1,403 @@
+"""``jv3``: embed texts, run batch transform jobs, package and serve the model.
+
+Commands are thin: they read options (each with ``--help`` text and, where it makes sense, an
+environment variable), call ``client``, and print. Errors of the domain (``client.errors``,
+botocore's) are caught here only, printed as ``error: ...`` on stderr, and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import subprocess
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import botocore.exceptions
+import numpy as np
+import typer
+
+from . import aws, batch
+from .errors import ClientError, InvalidArgument
+from .realtime import EmbeddingClient
+
+app = typer.Typer(
+    help="jina-embeddings-v3 on SageMaker: embed, batch transform, package, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+batch_app = typer.Typer(help="Batch transform jobs over S3 corpora, and a local rehearsal.", no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
+
+
+class Task(StrEnum):
+    retrieval_query = "retrieval.query"
+    retrieval_passage = "retrieval.passage"
+    separation = "separation"
+    classification = "classification"
+    text_matching = "text-matching"
+
+
+class EmbeddingType(StrEnum):
+    float = "float"
+    base64 = "base64"
+    binary = "binary"
+    ubinary = "ubinary"
+
+
+class OutputFormat(StrEnum):
+    json = "json"
+    npy = "npy"
+    csv = "csv"
+
+
+def domain_errors(command):
+    """Turn the errors a user can cause or meet into one line on stderr and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ClientError as exc:
+            typer.echo(f"error: {exc}", err=True)
+        except botocore.exceptions.ClientError as exc:
+            error = exc.response.get("Error", {})
+            typer.echo(f"error: {error.get('Code', 'AWS')}: {error.get('Message', exc)}", err=True)
+        except botocore.exceptions.BotoCoreError as exc:
+            typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+
+    return wrapper
+
+
+Region = Annotated[
+    str | None, typer.Option("--region", envvar="AWS_REGION", help="AWS region (default: boto3's configuration).")
+]
+TaskOption = Annotated[Task, typer.Option("--task", "-t", envvar="JV3_TASK", help="Task adapter.")]
+DimensionsOption = Annotated[
+    int | None,
+    typer.Option("--dimensions", "-d", min=1, max=1024, envvar="JV3_DIMENSIONS", help="Matryoshka size (1-1024)."),
+]
+EmbeddingTypeOption = Annotated[
+    EmbeddingType,
+    typer.Option("--embedding-type", envvar="JV3_EMBEDDING_TYPE", help="float/base64 → float32; binary/ubinary → packed bits."),
+]
+
+
+# ---- embed --------------------------------------------------------------------------------------
+
+
+@app.command()
+@domain_errors
+def embed(
+    texts: Annotated[list[str] | None, typer.Argument(help="Texts to embed (else --file, else stdin).")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Read texts from a file, one per line ('-' for stdin).")
+    ] = None,
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", "-e", envvar="JV3_ENDPOINT_NAME", help="SageMaker endpoint name.")
+    ] = None,
+    endpoint_url: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint-url",
+            envvar="JV3_ENDPOINT_URL",
+            help="Runtime URL of a local endpoint, e.g. http://127.0.0.1:8080 (no AWS account needed).",
+        ),
+    ] = None,
+    region: Region = None,
+    task: TaskOption = Task.text_matching,
+    dimensions: DimensionsOption = None,
+    embedding_type: EmbeddingTypeOption = EmbeddingType.float,
+    late_chunking: Annotated[
+        bool, typer.Option("--late-chunking", help="The texts are the chunks of one document.")
+    ] = False,
+    normalized: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise vectors.")] = True,
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="Output: json, npy or csv.")] = OutputFormat.json,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
+    max_batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, envvar="JV3_BATCH_SIZE", help="Texts per request at most.")
+    ] = 128,
+    max_concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, envvar="JV3_CONCURRENCY", help="Requests in flight at most.")
+    ] = 4,
+) -> None:
+    """Embed texts with a real-time endpoint and print the vectors."""
+    items = _read_texts(texts, file)
+    if not endpoint and not endpoint_url:
+        raise InvalidArgument("no endpoint: pass --endpoint NAME (or set JV3_ENDPOINT_NAME) or --endpoint-url URL")
+    client = EmbeddingClient(
+        endpoint or "local",
+        region_name=region,
+        runtime_client=aws.runtime_client(
+            region_name=region, endpoint_url=endpoint_url, max_pool_connections=max_concurrency
+        ),
+        max_batch_size=max_batch_size,
+        max_concurrency=max_concurrency,
+    )
+    vectors = client.embed(
+        items,
+        task=task.value,
+        dimensions=dimensions,
+        late_chunking=late_chunking,
+        normalized=normalized,
+        embedding_type=embedding_type.value,
+    )
+    _write_matrix(vectors, output_format, output)
+
+
+def _read_texts(texts: list[str] | None, file: Path | None) -> list[str]:
+    if texts and file:
+        raise InvalidArgument("pass texts as arguments or --file, not both")
+    if texts:
+        return list(texts)
+    if file is not None and str(file) != "-":
+        if not file.is_file():
+            raise InvalidArgument(f"--file {str(file)!r} does not exist")
+        return file.read_text(encoding="utf-8").splitlines()
+    if file is None and sys.stdin.isatty():
+        raise InvalidArgument("no texts: pass them as arguments, with --file, or on stdin")
+    lines = sys.stdin.read().splitlines()
+    if not lines:
+        raise InvalidArgument("no texts on stdin")
+    return lines
+
+
+def _write_matrix(vectors: np.ndarray, output_format: OutputFormat, output: Path | None) -> None:
+    if output_format is OutputFormat.npy:
+        buffer = io.BytesIO()
+        np.save(buffer, vectors)
+        data = buffer.getvalue()
+        if output is not None:
+            output.write_bytes(data)
+        elif sys.stdout.isatty():
+            raise InvalidArgument("--format npy writes binary; pass --output FILE or redirect stdout")
+        else:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        return
+    if output_format is OutputFormat.json:
+        text = json.dumps(vectors.tolist()) + "\n"
+    else:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(vectors.tolist())
+        text = buffer.getvalue()
+    if output is not None:
+        output.write_text(text)
+    else:
+        typer.echo(text, nl=False)
+
+
+# ---- batch --------------------------------------------------------------------------------------
+
+Stack = Annotated[
+    str | None,
+    typer.Option("--stack", envvar="JV3_STACK_NAME", help="Infra stack whose outputs name the model and buckets."),
+]
+
+
+def _settings(stack, model_name, input_bucket, output_bucket, region, **resources) -> batch.JobSettings:
+    explicit = {"model_name": model_name, "input_bucket": input_bucket, "output_bucket": output_bucket}
+    if stack:
+        return batch.JobSettings.from_stack(
+            stack, cloudformation=aws.client("cloudformation", region_name=region), **explicit, **resources
+        )
+    missing = [f"--{k.replace('_', '-')}" for k, v in explicit.items() if not v]
+    if missing:
+        raise InvalidArgument(f"pass --stack, or all of {', '.join(missing)}")
+    return batch.JobSettings(**explicit, **resources)
+
+
+@batch_app.command("submit")
+@domain_errors
+def batch_submit(
+    input_file: Annotated[Path, typer.Argument(help="Corpus: .jsonl ({text, id?}), .csv (text column) or plain text.")],
+    stack: Stack = None,
+    model_name: Annotated[str | None, typer.Option(envvar="JV3_MODEL_NAME", help="SageMaker Model name.")] = None,
+    input_bucket: Annotated[str | None, typer.Option(envvar="JV3_INPUT_BUCKET", help="Bucket for staged parts.")] = None,
+    output_bucket: Annotated[str | None, typer.Option(envvar="JV3_OUTPUT_BUCKET", help="Bucket for outputs.")] = None,
+    instance_type: Annotated[str, typer.Option(envvar="JV3_INSTANCE_TYPE", help="Transform instance type.")] = "ml.g5.xlarge",
+    instance_count: Annotated[int, typer.Option(min=1, help="Transform instances.")] = 1,
+    max_concurrent: Annotated[int, typer.Option(min=1, help="MaxConcurrentTransforms per instance.")] = 1,
+    task: TaskOption = Task.retrieval_passage,
+    dimensions: DimensionsOption = None,
+    embedding_type: EmbeddingTypeOption = EmbeddingType.float,
+    records_per_part: Annotated[int, typer.Option(min=1, help="Records per staged part file.")] = 10_000,
+    payload_mb: Annotated[int | None, typer.Option(min=1, max=100, help="MaxPayloadInMB (default: sized).")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to finish.")] = False,
+    region: Region = None,
+) -> None:
+    """Stage a local corpus on S3 and start a transform job; prints the job name."""
+    settings = _settings(
+        stack, model_name, input_bucket, output_bucket, region,
+        instance_type=instance_type, instance_count=instance_count, max_concurrent_transforms=max_concurrent,
+    )
+    s3 = aws.client("s3", region_name=region)
+    sagemaker = aws.client("sagemaker", region_name=region)
+    manifest = batch.stage_corpus(
+        input_file,
+        input_bucket=settings.input_bucket,
+        output_bucket=settings.output_bucket,
+        s3=s3,
+        records_per_part=records_per_part,
+        task=task.value,
+        dimensions=dimensions,
+        embedding_type=embedding_type.value,
+    )
+    job = batch.submit(manifest, settings, sagemaker=sagemaker, s3=s3, payload_mb=payload_mb)
+    typer.echo(f"staged {manifest.records:,} records in {len(manifest.parts)} parts under {manifest.run_uri}", err=True)
+    typer.echo(job)
+    if wait:
+        batch.wait(job, sagemaker=sagemaker, s3=s3, manifest=manifest)
+        typer.echo(f"{job}: Completed", err=True)
+
+
+@batch_app.command("status")
+@domain_errors
+def batch_status(
+    job: Annotated[str, typer.Argument(help="Transform job name.")],
+    region: Region = None,
+) -> None:
+    """Show a transform job's status and how many parts have outputs."""
+    sagemaker = aws.client("sagemaker", region_name=region)
+    s3 = aws.client("s3", region_name=region)
+    description = batch.describe(job, sagemaker=sagemaker)
+    manifest = batch.Manifest.load(batch.run_uri_of(description), s3)
+    line = f"{job}: {description['TransformJobStatus']}, {batch.parts_done(manifest, s3)}/{len(manifest.parts)} parts"
+    if description.get("FailureReason"):
+        line += f" ({description['FailureReason']})"
+    typer.echo(line)
+
+
+@batch_app.command("fetch")
+@domain_errors
+def batch_fetch(
+    job: Annotated[str, typer.Argument(help="Transform job name (the first one or a re-run).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for embeddings.npy, ids.json, errors.jsonl.")],
+    region: Region = None,
+) -> None:
+    """Collect a job's outputs into files aligned with the input."""
+    s3 = aws.client("s3", region_name=region)
+    manifest = batch.manifest_of_job(job, sagemaker=aws.client("sagemaker", region_name=region), s3=s3)
+    result = batch.collect(manifest, s3=s3, progress=True)
+    result.save(output)
+    typer.echo(
+        f"{manifest.records:,} records → {output}: {int(result.valid.sum()):,} embedded, "
+        f"{len(result.errors):,} error records, {len(result.missing_parts)} parts without complete output"
+    )
+    if result.missing_parts:
+        raise batch.BatchJobError(
+            f"{len(result.missing_parts)} parts have no complete output ({', '.join(result.missing_parts[:5])}); "
+            f"`jv3 batch rerun {job}` re-runs them"
+        )
+
+
+@batch_app.command("rerun")
+@domain_errors
+def batch_rerun(
+    job: Annotated[str, typer.Argument(help="A transform job of the run.")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to finish.")] = False,
+    region: Region = None,
+) -> None:
+    """Re-run only the parts whose outputs are missing or hold error records."""
+    sagemaker = aws.client("sagemaker", region_name=region)
+    s3 = aws.client("s3", region_name=region)
+    description = batch.describe(job, sagemaker=sagemaker)
+    manifest = batch.Manifest.load(batch.run_uri_of(description), s3)
+    failed = batch.failed_parts(manifest, s3=s3)
+    input_bucket, _ = aws.split_s3_uri(manifest.run_uri)
+    output_bucket, _ = aws.split_s3_uri(manifest.output_uri)
+    resources = description["TransformResources"]
+    settings = batch.JobSettings(
+        model_name=description["ModelName"],
+        input_bucket=input_bucket,
+        output_bucket=output_bucket,
+        instance_type=resources["InstanceType"],
+        instance_count=resources["InstanceCount"],
+        max_concurrent_transforms=description.get("MaxConcurrentTransforms", 1),
+    )
+    new_job = batch.submit(manifest, settings, sagemaker=sagemaker, s3=s3, parts=failed)
+    typer.echo(f"re-running {len(failed)} of {len(manifest.parts)} parts", err=True)
+    typer.echo(new_job)
+    if wait:
+        batch.wait(new_job, sagemaker=sagemaker, s3=s3, manifest=manifest)
+
+
+@batch_app.command("local")
+@domain_errors
+def batch_local(
+    model_dir: Annotated[Path, typer.Option("--model-dir", envvar="JV3_MODEL_DIR", help="Checkpoint directory to serve.")],
+    input_file: Annotated[Path, typer.Option("--input", "-i", help="Corpus file (.jsonl, .csv or text).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for <input-name>.out.")],
+    task: Annotated[Task | None, typer.Option("--task", "-t", help="JV3_DEFAULT_TASK of the job.")] = None,
+    dimensions: DimensionsOption = None,
+    embedding_type: EmbeddingTypeOption = EmbeddingType.float,
+    max_payload_mb: Annotated[float, typer.Option("--max-payload-mb", min=0.001, help="MaxPayloadInMB.")] = 6.0,
+    max_concurrent: Annotated[int, typer.Option(min=1, help="MaxConcurrentTransforms.")] = 1,
+    price_per_hour: Annotated[
+        float, typer.Option(help="Instance price in $/h for the cost estimate (ml.g5.xlarge on demand ≈ 1.41).")
+    ] = 1.41,
+    throughput: Annotated[
+        float | None, typer.Option(help="Records/s on that instance (default: the rate measured here).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port for the local endpoint (default: a free one).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Rehearse a transform job on this machine: start the local endpoint, send the corpus in
+    MultiRecord mini-batches, write <output>/<input-name>.out atomically, print a summary."""
+    summary = batch.run_local(
+        model_dir,
+        input_file,
+        output,
+        task=task.value if task else None,
+        dimensions=dimensions,
+        embedding_type=embedding_type.value,
+        max_payload_mb=max_payload_mb,
+        max_concurrent=max_concurrent,
+        progress=progress,
+        port=port,
+    )
+    for line in summary.lines(price_per_hour, throughput):
+        typer.echo(line)
+
+
+# ---- package / serve ----------------------------------------------------------------------------
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def package(
+    ctx: typer.Context,
+    checkpoint: Annotated[Path, typer.Option(envvar="JV3_CHECKPOINT", help="Checkpoint directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Archive to write.")] = Path("model.tar.gz"),
+) -> None:
+    """Build model.tar.gz (runs `python -m model_package`; extra options are passed on)."""
+    _delegate(["-m", "model_package", "--checkpoint", str(checkpoint), "--output", str(output), *ctx.args])
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    model_dir: Annotated[Path, typer.Option(envvar="JV3_MODEL_DIR", help="Checkpoint directory to serve.")],
+    port: Annotated[int, typer.Option(envvar="JV3_PORT", help="Port to listen on.")] = 8080,
+) -> None:
+    """Serve a checkpoint locally on the SageMaker container contract (runs `python -m inference.serve`)."""
+    _delegate(["-m", "inference.serve", "--model-dir", str(model_dir), "--port", str(port), *ctx.args])
+
+
+def _delegate(args: list[str]) -> None:
+    code = subprocess.call([sys.executable, *args])
+    if code:
+        raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""The client's side of docs/wire-format.md: validate arguments, build and split request bodies,
+decode responses, and turn the runtime's errors into the tree of ``client.errors``.
+
+Nothing here does I/O, so every rule of the contract is testable without an endpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import (
+    CapacityError,
+    EndpointError,
+    EndpointNotFound,
+    EndpointUnavailable,
+    InvalidArgument,
+    InvalidRequestError,
+    ModelNotReady,
+    ProtocolError,
+    RequestTooLarge,
+    ServerError,
+    ThrottledError,
+)
+
+# The endpoint's vocabulary (inference/settings.py holds the same words; the two sides share no code).
+TASKS = ("retrieval.query", "retrieval.passage", "separation", "classification", "text-matching")
+EMBEDDING_TYPES = ("float", "base64", "binary", "ubinary")
+MAX_DIMENSIONS = 1024
+# SageMaker refuses real-time request and response bodies over 6 MB; stay under it with a margin.
+MAX_REQUEST_BYTES = 6_000_000
+MAX_RESPONSE_BYTES = 6_000_000
+CONTENT_TYPE = "application/json"
+
+_COMMA = 1
+_ENVELOPE_SLACK = 16  # "{"data":[" … "]," … "}" beyond the parameters object
+
+
+@dataclass(frozen=True)
+class EmbedParams:
+    """Validated parameters of one ``embed`` call; ``to_wire`` is the ``parameters`` object."""
+
+    task: str
+    dimensions: int | None
+    late_chunking: bool
+    normalized: bool
+    embedding_type: str
+    truncate: bool = True
+
+    def to_wire(self) -> dict:
+        params = {
+            "task": self.task,
+            "late_chunking": self.late_chunking,
+            "embedding_type": self.embedding_type,
+            "normalized": self.normalized,
+            "truncate": self.truncate,
+        }
+        if self.dimensions is not None:
+            params["dimensions"] = self.dimensions
+        return params
+
+
+def validate_params(
+    *,
+    task: str,
+    dimensions: int | None,
+    late_chunking: bool,
+    normalized: bool,
+    embedding_type: str,
+    truncate: bool = True,
+) -> EmbedParams:
+    """Refuse bad arguments with a message naming the value and the valid choices."""
+    if task not in TASKS:
+        raise InvalidArgument(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if dimensions is not None:
+        if isinstance(dimensions, bool) or not isinstance(dimensions, (int, np.integer)):
+            raise InvalidArgument(f"dimensions must be an integer from 1 to {MAX_DIMENSIONS}, got {dimensions!r}")
+        if not 1 <= dimensions <= MAX_DIMENSIONS:
+            raise InvalidArgument(f"dimensions {dimensions} is out of range; expected 1 to {MAX_DIMENSIONS}")
+        dimensions = int(dimensions)
+    if embedding_type not in EMBEDDING_TYPES:
+        raise InvalidArgument(
+            f"unknown embedding_type {embedding_type!r}; expected one of {', '.join(EMBEDDING_TYPES)}"
+        )
+    for name, value in (("late_chunking", late_chunking), ("normalized", normalized), ("truncate", truncate)):
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{name} must be True or False, got {value!r}")
+    return EmbedParams(task, dimensions, late_chunking, normalized, embedding_type, truncate)
+
+
+def validate_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, (str, bytes)):
+        raise InvalidArgument("texts must be a list of strings, got a single string; wrap it in a list")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise InvalidArgument(f"texts must be a list of strings, got {type(texts).__name__}") from None
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidArgument(f"text {i} is {type(text).__name__} {_short(text)}, expected a string")
+    return texts
+
+
+def dumps(obj) -> bytes:
+    """The exact bytes sent: compact JSON, UTF-8 (not \\u-escaped, so sizes are what they look)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def item_bytes(text: str) -> int:
+    """Size of one ``data`` item as ``dumps`` writes it."""
+    return len(dumps({"text": text}))
+
+
+def request_body(texts: Sequence[str], params: EmbedParams) -> bytes:
+    return dumps({"data": [{"text": t} for t in texts], "parameters": params.to_wire()})
+
+
+def response_bytes_per_text(params: EmbedParams) -> int:
+    """A generous estimate of one ``data`` item of the response (the container's float formatting
+    is its own business, so assume the longest float32 repr: ~24 characters with sign, exponent
+    and comma)."""
+    d = params.dimensions or MAX_DIMENSIONS
+    per_item = 64  # {"index":123456,"id":...,"embedding":...}
+    if params.embedding_type == "float":
+        return per_item + 24 * d
+    if params.embedding_type == "base64":
+        return per_item + 4 * math.ceil(4 * d / 3)
+    return per_item + 5 * math.ceil(d / 8)  # "-128,"
+
+
+def plan_requests(
+    texts: Sequence[str],
+    params: EmbedParams,
+    *,
+    max_batch_size: int,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
+) -> list[tuple[int, int]]:
+    """Split ``texts`` into ``[start, stop)`` ranges, in order, whose request bodies stay within
+    ``max_request_bytes`` (measured on the encoded JSON), whose expected responses stay within
+    ``max_response_bytes``, and which hold at most ``max_batch_size`` texts.
+
+    Late chunking embeds the texts as chunks of one document, so they always go in one request;
+    a document over the limit is refused rather than split.
+    """
+    overhead = len(dumps({"data": [], "parameters": params.to_wire()})) + _ENVELOPE_SLACK
+    sizes = [item_bytes(t) for t in texts]
+    if params.late_chunking:
+        total = overhead + sum(sizes) + _COMMA * max(len(sizes) - 1, 0)
+        if total > max_request_bytes:
+            raise RequestTooLarge(
+                f"late chunking sends all {len(texts)} chunks of a document in one request, and this one "
+                f"would be {total:,} bytes; the limit is {max_request_bytes:,}. Embed fewer or shorter "
+                "chunks per call (one document per call)"
+            )
+        return [(0, len(texts))] if texts else []
+    per_response = max(1, (max_response_bytes - 256) // response_bytes_per_text(params))
+    limit = max(1, min(max_batch_size, per_response))
+    ranges: list[tuple[int, int]] = []
+    start, used = 0, overhead
+    for i, size in enumerate(sizes):
+        if overhead + size > max_request_bytes:
+            raise RequestTooLarge(
+                f"text {i} alone makes a {overhead + size:,}-byte request; the limit is "
+                f"{max_request_bytes:,} bytes. Split the text (or use batch transform)"
+            )
+        extra = size + (_COMMA if i > start else 0)
+        if i > start and (used + extra > max_request_bytes or i - start >= limit):
+            ranges.append((start, i))
+            start, used, extra = i, overhead, size
+        used += extra
+    if start < len(sizes):
+        ranges.append((start, len(sizes)))
+    return ranges
+
+
+def decode_embedding(value, embedding_type: str) -> np.ndarray:
+    """One ``embedding`` value of a response as an array: float32 for float and base64 (base64 is
+    only a compact transport for the same float32 numbers), int8 for binary, uint8 for ubinary."""
+    try:
+        if embedding_type == "base64":
+            if not isinstance(value, str):
+                raise TypeError(f"expected a base64 string, got {type(value).__name__}")
+            return np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4").astype(np.float32)
+        dtype = {"float": np.float32, "binary": np.int8, "ubinary": np.uint8}[embedding_type]
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list of numbers, got {type(value).__name__}")
+        return np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"cannot decode a {embedding_type} embedding: {exc}") from None
+
+
+def parse_response(body: bytes, *, expected: int, embedding_type: str) -> np.ndarray:
+    """The ``(expected, d)`` matrix of a Jina-format response, rows in request order (by ``index``)."""
+    try:
+        payload = json.loads(body)
+        items = payload["data"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ProtocolError(f"response is not a JSON object with a 'data' list: {exc}") from None
+    if not isinstance(items, list) or len(items) != expected:
+        got = len(items) if isinstance(items, list) else type(items).__name__
+        raise ProtocolError(f"asked for {expected} embeddings, response carries {got}")
+    rows: list[np.ndarray | None] = [None] * expected
+    for position, item in enumerate(items):
+        index = item.get("index", position) if isinstance(item, dict) else None
+        if not isinstance(index, int) or not 0 <= index < expected or rows[index] is not None:
+            raise ProtocolError(f"response item {position} has a missing, duplicate or out-of-range index {index!r}")
+        if "embedding" not in item:
+            raise ProtocolError(f"response item {position} has no 'embedding'")
+        rows[index] = decode_embedding(item["embedding"], embedding_type)
+    return stack_rows(rows)
+
+
+def stack_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    widths = {row.shape for row in rows}
+    if len(widths) > 1:
+        raise ProtocolError(f"embeddings of different shapes in one response: {sorted(widths)}")
+    return np.stack(rows)
+
+
+def output_dtype(embedding_type: str) -> np.dtype:
+    return np.dtype({"float": np.float32, "base64": np.float32, "binary": np.int8, "ubinary": np.uint8}[embedding_type])
+
+
+def output_width(dimensions: int | None, embedding_type: str) -> int:
+    """Columns of the result when it is known up front (0 when the endpoint decides)."""
+    if dimensions is None:
+        return 0
+    return math.ceil(dimensions / 8) if embedding_type in ("binary", "ubinary") else dimensions
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+_BY_STATUS: dict[int, type[EndpointError]] = {503: EndpointUnavailable, 507: CapacityError, 500: ServerError}
+
+
+def parse_error_body(raw) -> tuple[str, str | None, str | None]:
+    """(message, type, field) from an ``{"error": {...}}`` body, or the raw text when it is not one."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw or "")
+    try:
+        error = json.loads(text)["error"]
+        return str(error["message"]), error.get("type"), error.get("field")
+    except (ValueError, TypeError, KeyError):
+        return text.strip() or "(no message)", None, None
+
+
+def error_from_botocore(exc) -> EndpointError:
+    """Map a ``botocore.exceptions.ClientError`` of ``invoke_endpoint*`` to the client's tree."""
+    response = getattr(exc, "response", {}) or {}
+    error = response.get("Error", {})
+    code = error.get("Code", "")
+    http_status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code == "ModelError":
+        status = response.get("OriginalStatusCode")
+        status = int(status) if status is not None else None
+        message, error_type, field = parse_error_body(response.get("OriginalMessage", error.get("Message", "")))
+        if status is not None and 400 <= status < 500:
+            cls = InvalidRequestError
+        else:
+            cls = _BY_STATUS.get(status, ServerError)
+        return cls(
+            message, status=status, error_type=error_type, field=field, log_stream_arn=response.get("LogStreamArn")
+        )
+    message = error.get("Message", str(exc))
+    if code in ("ThrottlingException", "Throttling", "TooManyRequestsException"):
+        return ThrottledError(message, status=http_status, error_type=code)
+    if code == "ModelNotReadyException":
+        return ModelNotReady(message, status=http_status, error_type=code)
+    if code in ("ServiceUnavailable", "ServiceUnavailableException") or http_status == 503:
+        return EndpointUnavailable(message, status=http_status, error_type=code)
+    if code == "ValidationError" and "not found" in message.lower():
+        return EndpointNotFound(message, status=http_status, error_type=code)
+    if code in ("InternalFailure", "InternalServerError") or (http_status or 0) >= 500:
+        return ServerError(message, status=http_status, error_type=code)
+    if http_status is not None and 400 <= http_status < 500:
+        return InvalidRequestError(message, status=http_status, error_type=code)
+    return EndpointError(message, status=http_status, error_type=code or None)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def chunks(seq: Sequence, ranges: Sequence[tuple[int, int]]) -> Iterator[Sequence]:
+    for start, stop in ranges:
+        yield seq[start:stop]
