@@ -1,0 +1,51 @@
+"""Fixtures of the client tests: stubbed runtimes, moto credentials, a retry policy that never
+sleeps, and (session-wide) the real local endpoint on loopback."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+
+from client.retry import RetryPolicy
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    """Dummy credentials and a region, so no test can reach a real account."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+def runtime(aws_env):
+    """A real boto3 sagemaker-runtime client under a Stubber (activated)."""
+    client = boto3.client("sagemaker-runtime", region_name="us-east-1")
+    with Stubber(client) as stubber:
+        yield client, stubber
+        stubber.assert_no_pending_responses()
+
+
+class RecordingSleep:
+    def __init__(self):
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+@pytest.fixture
+def sleeps() -> RecordingSleep:
+    return RecordingSleep()
+
+
+@pytest.fixture
+def retry(sleeps) -> RetryPolicy:
+    return RetryPolicy(max_attempts=4, base_delay=0.1, max_delay=1.0, sleep=sleeps)
