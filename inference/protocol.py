@@ -255,7 +255,7 @@ def _parse_jsonlines(body: bytes | str, check: _Validator) -> Invocation:
     lines = raw.split(b"\n")
     if lines and not lines[-1].strip():
         lines.pop()  # the newline that ends the last record
-    if not lines:
+    if not raw.strip():
         raise InvalidRequest("empty JSON Lines body; expected one record per line", field="body")
     requests, ids, offset = [], [], 0
     for i, line in enumerate(lines):

@@ -1,0 +1,47 @@
+"""``python -m model_package``: the packager's command line (``jv3 package`` delegates here)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .build import DEFAULT_PLATFORMS, DEFAULT_PYTHON, PackageError, build_package
+from .upload import upload
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model_package", description="Build model.tar.gz for SageMaker.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or Hugging Face Hub id")
+    parser.add_argument("--output", default="model.tar.gz", help="archive to write (atomically)")
+    parser.add_argument("--upload", metavar="S3_URI", help="then upload to s3://bucket/key (multipart, checksummed)")
+    parser.add_argument("--no-vendor", action="store_true", help="skip code/wheels/ (the endpoint then needs PyPI)")
+    parser.add_argument("--wheel-cache", help="where downloaded wheels are kept (default ~/.cache/jv3/wheels)")
+    parser.add_argument("--find-links", help="also look for wheels here (offline vendoring)")
+    parser.add_argument("--no-index", action="store_true", help="vendor from --find-links/--wheel-cache only")
+    parser.add_argument("--python-version", default=DEFAULT_PYTHON, help="the DLC's Python (default %(default)s)")
+    parser.add_argument("--platform", action="append", help=f"wheel platform tags (default {' '.join(DEFAULT_PLATFORMS)})")
+    parser.add_argument("--revision", help="Hub revision when --checkpoint is a Hub id")
+    args = parser.parse_args(argv)
+    try:
+        path = build_package(
+            args.checkpoint,
+            args.output,
+            vendor=not args.no_vendor,
+            wheel_cache=args.wheel_cache,
+            find_links=args.find_links,
+            no_index=args.no_index,
+            python_version=args.python_version,
+            platforms=tuple(args.platform or DEFAULT_PLATFORMS),
+            revision=args.revision,
+        )
+        print(f"wrote {path}")
+        if args.upload:
+            print(f"uploaded {upload(path, args.upload)}")
+    except PackageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
