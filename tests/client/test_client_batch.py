@@ -1,0 +1,238 @@
+"""Batch transform helpers: reading corpora, staging on S3, the CreateTransformJob request, waiting,
+collecting outputs and re-running failed parts (moto for S3, SageMaker and CloudFormation)."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import numpy as np
+import pytest
+from botocore.stub import Stubber
+from moto import mock_aws
+
+from client import batch
+from client.errors import BatchJobError, InvalidArgument
+
+# ---- corpora -------------------------------------------------------------------------------------
+
+
+def test_jsonl_corpus_gets_ids_and_keeps_malformed_lines_in_place(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "a", "id": "x"}\n"bare"\nnot json\n{"text": "b"}\n')
+    lines = list(batch.corpus_lines(path))
+    assert [json.loads(line) for line in (lines[0], lines[1], lines[3])] == [
+        {"text": "a", "id": "x"}, {"text": "bare", "id": 1}, {"text": "b", "id": 3}
+    ]
+    assert lines[2] == "not json"
+
+
+def test_csv_corpus_reads_the_text_and_id_columns(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text('id,text,other\nd1,"hello, world",1\n,"two\nlines",2\n')
+    assert [json.loads(line) for line in batch.corpus_lines(path)] == [
+        {"text": "hello, world", "id": "d1"}, {"text": "two\nlines", "id": 1}
+    ]
+    (tmp_path / "bad.csv").write_text("body\nx\n")
+    with pytest.raises(InvalidArgument, match="bad.csv has no 'text' column; columns: body"):
+        list(batch.corpus_lines(tmp_path / "bad.csv"))
+
+
+def test_plain_text_corpus_is_one_document_per_line(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("first\nsecond {json-looking}\n")
+    assert [json.loads(line) for line in batch.corpus_lines(path)] == [
+        {"text": "first", "id": 0}, {"text": "second {json-looking}", "id": 1}
+    ]
+
+
+# ---- sizing and splitting -------------------------------------------------------------------------
+
+
+def test_max_payload_is_sized_by_the_response_and_bounded_by_the_container():
+    short_float = batch.max_payload_mb(avg_record_bytes=200, max_record_bytes=500, dimensions=None, embedding_type="float")
+    assert short_float == 1  # 1 MB of 200-byte texts is ~5,000 vectors of 24 kB: keep mini-batches small
+    long_binary = batch.max_payload_mb(avg_record_bytes=20_000, max_record_bytes=50_000, dimensions=None, embedding_type="binary")
+    assert long_binary == batch.CONTAINER_MAX_PAYLOAD_MB
+    big_record = batch.max_payload_mb(avg_record_bytes=200, max_record_bytes=3 * batch.MiB, dimensions=None, embedding_type="float")
+    assert big_record == 3  # never below the largest record
+    with pytest.raises(InvalidArgument, match="exceeds the container's 6 MB request limit"):
+        batch.max_payload_mb(avg_record_bytes=1, max_record_bytes=7 * batch.MiB, dimensions=None, embedding_type="float")
+
+
+def test_multirecord_payloads_pack_whole_records_up_to_the_limit():
+    lines = [b"x" * n for n in (10, 20, 30, 5, 40, 1)]
+    payloads = list(batch.multirecord_payloads(lines, 45))
+    assert [b for p in payloads for b in p] == lines  # every record once, in order
+    assert all(sum(len(b) + 1 for b in p) <= 45 for p in payloads)
+    assert [len(p) for p in payloads] == [2, 2, 2]
+    with pytest.raises(BatchJobError, match="record 1 is 51 bytes, over MaxPayloadInMB"):
+        list(batch.multirecord_payloads([b"a", b"b" * 50], 45))
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "x.out"
+    target.write_text("old\n")
+
+    def broken():
+        yield b"half"
+        raise BatchJobError("endpoint went away")
+
+    with pytest.raises(BatchJobError):
+        batch.atomic_write(target, broken())
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.out"]  # no temporary left behind
+
+
+# ---- S3 and the transform job (moto) --------------------------------------------------------------
+
+
+@pytest.fixture
+def aws(aws_env):
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        for bucket in ("jv3-in", "jv3-out"):
+            s3.create_bucket(Bucket=bucket)
+        yield s3, boto3.client("sagemaker", region_name="us-east-1")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i}", "id": f"d{i}"}) + "\n" for i in range(25)))
+    return path
+
+
+SETTINGS = batch.JobSettings(model_name="jv3-model", input_bucket="jv3-in", output_bucket="jv3-out",
+                             instance_type="ml.g5.xlarge", instance_count=2, max_concurrent_transforms=4)
+
+
+def stage(aws, corpus, **kw):
+    return batch.stage_corpus(corpus, input_bucket="jv3-in", output_bucket="jv3-out", s3=aws[0], run_name="run1",
+                              records_per_part=10, task="retrieval.passage", dimensions=8, **kw)
+
+
+def test_stage_writes_parts_and_a_manifest(aws, corpus):
+    s3 = aws[0]
+    manifest = stage(aws, corpus)
+    assert [(p.name, p.records, p.first) for p in manifest.parts] == [
+        ("part-00000.jsonl", 10, 0), ("part-00001.jsonl", 10, 10), ("part-00002.jsonl", 5, 20)
+    ]
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="jv3-in")["Contents"])
+    assert keys == ["jv3-batch/run1/manifest.json"] + [f"jv3-batch/run1/parts/part-0000{i}.jsonl" for i in range(3)]
+    part = s3.get_object(Bucket="jv3-in", Key="jv3-batch/run1/parts/part-00001.jsonl")["Body"].read().decode()
+    assert [json.loads(line)["id"] for line in part.splitlines()] == [f"d{i}" for i in range(10, 20)]
+    assert batch.Manifest.load("s3://jv3-in/jv3-batch/run1", s3) == manifest
+
+
+def test_job_request_follows_the_batch_contract(aws, corpus):
+    request = batch.job_request(stage(aws, corpus, embedding_type="binary"), SETTINGS, job_name="run1")
+    assert request["BatchStrategy"] == "MultiRecord"
+    assert request["TransformInput"] == {
+        "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": "s3://jv3-in/jv3-batch/run1/parts/"}},
+        "ContentType": "application/jsonlines", "CompressionType": "None", "SplitType": "Line",
+    }
+    assert request["TransformOutput"] == {"S3OutputPath": "s3://jv3-out/jv3-batch/run1/",
+                                          "Accept": "application/jsonlines", "AssembleWith": "Line"}
+    assert request["Environment"] == {"JV3_DEFAULT_TASK": "retrieval.passage", "JV3_DEFAULT_DIMENSIONS": "8",
+                                      "JV3_DEFAULT_ENCODING": "binary"}
+    assert request["TransformResources"] == {"InstanceType": "ml.g5.xlarge", "InstanceCount": 2}
+    assert 1 <= request["MaxPayloadInMB"] <= 6
+    assert request["MaxPayloadInMB"] * request["MaxConcurrentTransforms"] <= 100
+
+
+def write_outputs(s3, manifest, *, skip=(), error_at=()):
+    for part in manifest.parts:
+        if part.name in skip:
+            continue
+        lines = []
+        for k in range(part.records):
+            position = part.first + k
+            if position in error_at:
+                lines.append({"id": f"d{position}", "index": k,
+                              "error": {"type": "invalid_request", "message": "text is empty", "code": 400}})
+            else:
+                lines.append({"id": f"d{position}", "index": k, "embedding": [float(position)] * 8, "tokens": 3})
+        bucket, key = manifest.output_key(part)
+        s3.put_object(Bucket=bucket, Key=key, Body="".join(json.dumps(x) + "\n" for x in lines).encode())
+
+
+def test_submit_wait_collect_and_rerun_only_the_failed_parts(aws, corpus):
+    s3, sagemaker = aws
+    # GIVEN a staged corpus and a job
+    manifest = stage(aws, corpus)
+    job = batch.submit(manifest, SETTINGS, sagemaker=sagemaker, s3=s3)
+    described = batch.describe(job, sagemaker=sagemaker)
+    assert described["ModelName"] == "jv3-model" and described["BatchStrategy"] == "MultiRecord"
+    assert batch.wait(job, sagemaker=sagemaker, s3=s3, manifest=manifest, progress=False, sleep=None)[
+        "TransformJobStatus"] == "Completed"
+    # WHEN one part has no output and another an error record
+    write_outputs(s3, manifest, skip={"part-00001.jsonl"}, error_at={22})
+    loaded = batch.manifest_of_job(job, sagemaker=sagemaker, s3=s3)
+    result = batch.collect(loaded, s3=s3)
+    # THEN the rows line up with the corpus, and what is missing is reported
+    assert result.embeddings.shape == (25, 8)
+    assert result.missing_parts == ["part-00001.jsonl"]
+    assert [(e.position, e.id, e.message) for e in result.errors] == [(22, "d22", "text is empty")]
+    assert result.valid.tolist() == [i < 10 or (i >= 20 and i != 22) for i in range(25)]
+    np.testing.assert_array_equal(result.embeddings[result.valid, 0], np.flatnonzero(result.valid).astype(np.float32))
+    assert np.isnan(result.embeddings[~result.valid]).all()
+    assert result.ids[:2] == ["d0", "d1"] and result.ids[12] is None
+    # AND a re-run covers exactly the failed parts, listed in a SageMaker manifest file
+    failed = batch.failed_parts(loaded, s3=s3)
+    assert [p.name for p in failed] == ["part-00001.jsonl", "part-00002.jsonl"]
+    rerun = batch.submit(loaded, SETTINGS, sagemaker=sagemaker, s3=s3, parts=failed)
+    source = batch.describe(rerun, sagemaker=sagemaker)["TransformInput"]["DataSource"]["S3DataSource"]
+    assert source["S3DataType"] == "ManifestFile"
+    bucket, key = source["S3Uri"][5:].split("/", 1)
+    assert json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read()) == [
+        {"prefix": "s3://jv3-in/jv3-batch/run1/parts/"}, "part-00001.jsonl", "part-00002.jsonl"
+    ]
+    assert batch.manifest_of_job(rerun, sagemaker=sagemaker, s3=s3).jobs == [job, rerun]
+    # AND once the outputs are complete, nothing is left to re-run
+    write_outputs(s3, manifest)
+    assert batch.failed_parts(loaded, s3=s3) == []
+    assert batch.collect(loaded, s3=s3).complete
+
+
+def test_saved_results_are_aligned_files(aws, corpus, tmp_path):
+    s3, _ = aws
+    manifest = stage(aws, corpus)
+    write_outputs(s3, manifest, error_at={3})
+    written = batch.collect(manifest, s3=s3).save(tmp_path / "out")
+    assert sorted(p.name for p in written) == ["embeddings.npy", "errors.jsonl", "ids.json"]
+    assert np.load(tmp_path / "out" / "embeddings.npy").shape == (25, 8)
+    assert json.loads((tmp_path / "out" / "ids.json").read_text())[24] == "d24"
+    assert json.loads((tmp_path / "out" / "errors.jsonl").read_text())["position"] == 3
+
+
+def test_wait_raises_when_the_job_failed():
+    class Failed:
+        def describe_transform_job(self, TransformJobName):
+            return {"TransformJobStatus": "Failed", "FailureReason": "ClientError: record too large"}
+
+    with pytest.raises(BatchJobError, match="transform job j failed: ClientError: record too large"):
+        batch.wait("j", sagemaker=Failed(), progress=False)
+
+
+def test_job_settings_come_from_the_stack_outputs(aws_env):
+    # moto's CloudFormation needs extras this project does not install; describe_stacks is stubbed
+    cfn = boto3.client("cloudformation", region_name="us-east-1")
+    outputs = [{"OutputKey": name, "OutputValue": f"value-of-{name}"} for name in batch.STACK_OUTPUTS.values()]
+    created = "2025-01-01T00:00:00Z"
+    with Stubber(cfn) as stubber:
+        stubber.add_response("describe_stacks", {"Stacks": [{"StackName": "jv3", "CreationTime": created,
+                                                             "StackStatus": "CREATE_COMPLETE", "Outputs": outputs}]},
+                             {"StackName": "jv3"})
+        stubber.add_response("describe_stacks", {"Stacks": [{"StackName": "bare", "CreationTime": created,
+                                                             "StackStatus": "CREATE_COMPLETE"}]})
+        stubber.add_client_error("describe_stacks", "ValidationError", "Stack with id missing does not exist")
+        settings = batch.JobSettings.from_stack("jv3", cloudformation=cfn, instance_count=3)
+        assert (settings.model_name, settings.input_bucket, settings.output_bucket, settings.role_arn) == (
+            "value-of-ModelName", "value-of-InputBucketName", "value-of-OutputBucketName", "value-of-TransformRoleArn"
+        )
+        assert settings.instance_count == 3
+        with pytest.raises(InvalidArgument, match="stack 'bare' has no output 'ModelName'"):
+            batch.JobSettings.from_stack("bare", cloudformation=cfn)
+        with pytest.raises(InvalidArgument, match="cannot read stack 'missing': Stack with id missing does not exist"):
+            batch.JobSettings.from_stack("missing", cloudformation=cfn)

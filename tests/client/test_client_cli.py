@@ -1,0 +1,134 @@
+"""The jv3 command line through typer's CliRunner, and the client's import boundary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import boto3
+import numpy as np
+import pytest
+from botocore.stub import ANY, Stubber
+from client_support import body, contract
+from moto import mock_aws
+from typer.testing import CliRunner
+
+from client import aws as client_aws
+from client.cli import app
+
+runner = CliRunner()
+
+
+def test_importing_the_client_does_not_import_torch_transformers_or_cdk():
+    code = (
+        "import sys, client, client.cli, client.batch, client.local\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'aws_cdk', 'inference'))\n"
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_all_lists_the_public_surface():
+    import client
+
+    assert {"EmbeddingClient", "AsyncEmbeddingClient", "ClientError", "InvalidArgument", "EndpointError"} <= set(
+        client.__all__
+    )
+    assert all(hasattr(client, name) for name in client.__all__)
+    assert issubclass(client.ThrottledError, client.EndpointError) and issubclass(client.EndpointError, client.ClientError)
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["embed"], ["batch"], ["batch", "submit"], ["batch", "status"], ["batch", "fetch"],
+             ["batch", "rerun"], ["batch", "local"], ["package"], ["serve"]]
+)
+def test_every_command_has_help(args):
+    result = runner.invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+@pytest.fixture
+def stubbed_runtime(aws_env, monkeypatch):
+    runtime = boto3.client("sagemaker-runtime", region_name="us-east-1")
+    monkeypatch.setattr(client_aws, "runtime_client", lambda **_: runtime)
+    with Stubber(runtime) as stubber:
+        yield stubber
+
+
+def respond(stubber, example, times=1):
+    for _ in range(times):
+        stubber.add_response("invoke_endpoint", {"Body": body(example["response"])},
+                             {"EndpointName": "jv3", "Body": ANY, "ContentType": "application/json",
+                              "Accept": "application/json"})
+
+
+def test_embed_prints_json_from_arguments_with_the_endpoint_from_the_environment(stubbed_runtime):
+    example = contract("jina-float.json")
+    respond(stubbed_runtime, example)
+    result = runner.invoke(app, ["embed", "hello", "wörld 世界", "-d", "8", "--task", "retrieval.passage"],
+                           env={"JV3_ENDPOINT_NAME": "jv3"})
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(json.loads(result.stdout), example["decoded"], rtol=1e-6)
+
+
+def test_embed_reads_stdin_and_writes_csv_and_npy(stubbed_runtime, tmp_path):
+    example = contract("jina-ubinary.json")
+    respond(stubbed_runtime, example, times=2)
+    result = runner.invoke(app, ["embed", "-e", "jv3", "--embedding-type", "ubinary", "--format", "csv"],
+                           input="hello\nwörld 世界\n")
+    assert result.exit_code == 0, result.output
+    assert [list(map(int, row.split(","))) for row in result.stdout.splitlines()] == example["decoded"]
+    (tmp_path / "texts.txt").write_text("hello\nwörld 世界\n")
+    result = runner.invoke(app, ["embed", "-e", "jv3", "--embedding-type", "ubinary", "-f", str(tmp_path / "texts.txt"),
+                                 "--format", "npy", "-o", str(tmp_path / "v.npy")])
+    assert result.exit_code == 0, result.output
+    saved = np.load(tmp_path / "v.npy")
+    assert saved.dtype == np.uint8 and saved.tolist() == example["decoded"]
+
+
+def test_endpoint_errors_are_one_line_and_exit_code_1(stubbed_runtime):
+    error = contract("error-unknown-task.json")["response"]
+    stubbed_runtime.add_client_error("invoke_endpoint", "ModelError", "x", 424,
+                                     modeled_fields={"OriginalStatusCode": 400, "OriginalMessage": json.dumps(error)})
+    result = runner.invoke(app, ["embed", "-e", "jv3", "hello"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"error: invalid_request: {error['error']['message']} (status 400)"]
+
+
+def test_bad_arguments_are_one_line_errors(aws_env):
+    result = runner.invoke(app, ["embed", "hello"], env={"JV3_ENDPOINT_NAME": ""})
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: no endpoint: pass --endpoint NAME (or set JV3_ENDPOINT_NAME) or --endpoint-url URL"
+    result = runner.invoke(app, ["embed", "-e", "jv3", "--late-chunking", "x" * 7_000_000])
+    assert result.exit_code == 1 and "late chunking sends all 1 chunks" in result.stderr
+
+
+def test_batch_submit_status_fetch_with_explicit_settings(aws_env, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"doc {i}\n" for i in range(7)))
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="jv3-in")
+        s3.create_bucket(Bucket="jv3-out")
+        env = {"JV3_MODEL_NAME": "m", "JV3_INPUT_BUCKET": "jv3-in", "JV3_OUTPUT_BUCKET": "jv3-out"}
+        result = runner.invoke(app, ["batch", "submit", str(corpus), "--records-per-part", "5", "-d", "4"], env=env)
+        assert result.exit_code == 0, result.output
+        job = result.stdout.strip()
+        assert job.startswith("jv3-") and "staged 7 records in 2 parts" in result.stderr
+        status = runner.invoke(app, ["batch", "status", job])
+        assert status.exit_code == 0 and status.stdout.strip() == f"{job}: Completed, 0/2 parts"
+        # no outputs yet: fetch saves what there is and fails with a hint to re-run
+        fetched = runner.invoke(app, ["batch", "fetch", job, "-o", str(tmp_path / "o")])
+        assert fetched.exit_code == 1 and f"jv3 batch rerun {job}" in fetched.stderr
+        rerun = runner.invoke(app, ["batch", "rerun", job])
+        assert rerun.exit_code == 0 and "re-running 2 of 2 parts" in rerun.stderr
+
+
+def test_batch_submit_without_settings_names_what_is_missing(aws_env, tmp_path):
+    (tmp_path / "c.txt").write_text("a\n")
+    result = runner.invoke(app, ["batch", "submit", str(tmp_path / "c.txt")], env={"JV3_STACK_NAME": ""})
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: pass --stack, or all of --model-name, --input-bucket, --output-bucket"
