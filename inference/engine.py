@@ -222,16 +222,16 @@ class Engine:
 
     def _run(self, sequences: list[Sequence], n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.model.device
-        sums = torch.zeros(n_slots, self.hidden_size, dtype=torch.float32, device=device)
-        counts = torch.zeros(n_slots, dtype=torch.float32, device=device)
-        by_task: dict[str | None, list[Sequence]] = {}
-        for seq in sequences:
-            by_task.setdefault(seq.task, []).append(seq)
-        for task, group in by_task.items():
-            group.sort(key=lambda s: len(s.ids), reverse=True)
-            for batch in self._batches(group):
-                self._forward_pool(batch, task, sums, counts)
-        return sums, counts
+        # One spare slot at the end takes the tokens that are dropped (slot -1), so that pooling
+        # needs no boolean indexing, which would stall the GPU pipeline.
+        sums = torch.zeros(n_slots + 1, self.hidden_size, dtype=torch.float32, device=device)
+        counts = torch.zeros(n_slots + 1, dtype=torch.float32, device=device)
+        order = {t: i for i, t in enumerate((None, *self.tasks))}
+        # Longest first, so batches hold texts of similar length; tasks mix freely within a batch.
+        for batch in self._batches(sorted(sequences, key=lambda s: len(s.ids), reverse=True)):
+            batch.sort(key=lambda s: order[s.task])  # one contiguous segment per task
+            self._forward_pool(batch, sums, counts)
+        return sums[:-1], counts[:-1]
 
     def _batches(self, group: list[Sequence]):
         batch, tokens = [], 0
@@ -244,14 +244,14 @@ class Engine:
         if batch:
             yield batch
 
-    def _forward_pool(self, batch: list[Sequence], task: str | None, sums: torch.Tensor, counts: torch.Tensor) -> None:
+    def _forward_pool(self, batch: list[Sequence], sums: torch.Tensor, counts: torch.Tensor) -> None:
         try:
-            ids = torch.tensor([i for s in batch for i in s.ids], dtype=torch.long)
-            hidden = self.model.forward_packed(ids, [len(s.ids) for s in batch], task)  # (tokens, hidden)
-            slots = torch.from_numpy(np.concatenate([s.slots for s in batch])).to(hidden.device)
-            keep = slots >= 0
-            sums.index_add_(0, slots[keep], hidden[keep].float())  # pool in float32
-            counts.index_add_(0, slots[keep], torch.ones_like(slots[keep], dtype=torch.float32))
+            ids = torch.from_numpy(np.concatenate([np.asarray(s.ids, dtype=np.int64) for s in batch]))
+            hidden = self.model.forward_packed(ids, [len(s.ids) for s in batch], [s.task for s in batch])  # (tokens, hidden)
+            slots = torch.from_numpy(np.concatenate([s.slots for s in batch])).to(hidden.device, non_blocking=True)
+            slots = torch.where(slots < 0, sums.shape[0] - 1, slots)
+            sums.index_add_(0, slots, hidden.float())  # pool in float32
+            counts.index_add_(0, slots, torch.ones(slots.shape, dtype=torch.float32, device=slots.device))
         except torch.OutOfMemoryError:
             if self.model.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -262,8 +262,8 @@ class Engine:
                 ) from None
             half = len(batch) // 2
             log.warning("out of memory on a batch of %d texts; retrying in halves", len(batch))
-            self._forward_pool(batch[:half], task, sums, counts)
-            self._forward_pool(batch[half:], task, sums, counts)
+            self._forward_pool(batch[:half], sums, counts)
+            self._forward_pool(batch[half:], sums, counts)
         except RuntimeError as exc:
             raise ModelError(f"the model failed on a batch of {len(batch)} texts: {exc}") from exc
 

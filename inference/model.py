@@ -8,25 +8,30 @@ Three choices make it fast, each measured in bench/:
 - **Packed sequences.** A batch is one row of concatenated texts with positions restarting at each
   text; attention sees ``cu_seqlens`` so no FLOP is spent on padding (flash-attention varlen on GPU,
   one SDPA call per text on CPU). Linear layers, LayerNorm and the MLP never see padding either.
-- **One model object.** Tasks switch by pointing the Linear parameters at the task's tensors
-  (a few hundred pointer swaps, only when the task changes), under a lock.
+- **Mixed tasks in one pass.** Inside a batch the texts of one task are adjacent, and every Linear
+  holds all tasks' weights: it runs one GEMM per task segment (``TaskLinear``). Attention, norms
+  and the rest run once over the whole row.
 """
 
 from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .checkpoint import EMBEDDINGS, Checkpoint, native_config
+from .checkpoint import Checkpoint, native_config
 
 ATTENTION = "jv3_packed"
 
 try:  # flash-attention varlen, public in torch ≥ 2.9 (CUDA only)
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover - older torch
-    _varlen_attn = None
+except ImportError:  # pragma: no cover - older torch: the same flash kernel through its aten op
+
+    def _varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k):
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False)[0]
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -38,7 +43,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if cu_seqlens is None:  # one text, no packing
         out = F.scaled_dot_product_attention(query, key, value, scale=scaling)
         return out.transpose(1, 2), None
-    if query.is_cuda and _varlen_attn is not None and query.dtype in (torch.float16, torch.bfloat16):
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         max_len = int(kwargs["max_seqlen"])
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
         out = _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
@@ -60,8 +65,37 @@ def _register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, lambda *args, **kwargs: None)
 
 
+class TaskLinear(nn.Module):
+    """A Linear whose weight depends on the task of each token segment of the packed row.
+
+    Holds the base weight and every task's merged weight stacked: (variants, out, in). Tokens are
+    sorted by task inside a batch, so each task is one contiguous row range and gets one GEMM
+    (``addmm`` into its slice of the output): a mixed-task batch costs what a single-task one does,
+    instead of one forward pass per task.
+    """
+
+    def __init__(self, weights: torch.Tensor, bias: torch.Tensor | None, segments: list):
+        super().__init__()
+        self.weights = weights  # (variants, out, in)
+        self.bias = bias
+        self.segments = segments  # shared, set per forward: [(variant, start, end), ...]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.segments) == 1:
+            return F.linear(x, self.weights[self.segments[0][0]], self.bias)
+        flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        out = flat.new_empty(flat.shape[0], self.weights.shape[1])
+        for variant, start, end in self.segments:
+            w = self.weights[variant].T
+            if self.bias is None:
+                torch.mm(flat[start:end], w, out=out[start:end])
+            else:
+                torch.addmm(self.bias, flat[start:end], w, out=out[start:end])
+        return out.reshape(*x.shape[:-1], -1)
+
+
 class TaskModel:
-    """``JinaEmbeddingsV3Model`` holding the base weights plus each task's merged weights."""
+    """``JinaEmbeddingsV3Model`` whose Linear layers carry the base and every task's merged weights."""
 
     def __init__(self, ckpt: Checkpoint, *, device: torch.device, dtype: torch.dtype, tasks: tuple[str, ...]):
         from transformers import JinaEmbeddingsV3Model
@@ -78,62 +112,59 @@ class TaskModel:
         model.embeddings.token_type_ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # unused
         self.model = model.eval().requires_grad_(False)
 
-        self.params = dict(self.model.named_parameters())
-        self.task_index = {t: i for i, t in enumerate(ckpt.tasks)}
-        self.scale = ckpt.scale
-        # task → {parameter name → merged tensor}; None is the base model (no adapter)
-        self.weights: dict[str | None, dict[str, torch.Tensor]] = {None: {n: p.data for n, p in self.params.items()}}
-        self.word_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for task in tasks:
-            self.weights[task] = self._merge(ckpt, self.task_index[task])
-        self._active: str | None = None
+        # Variant 0 is the base model (no adapter), variant i+1 the i-th served task.
+        self.variants: dict[str | None, int] = {None: 0, **{t: i + 1 for i, t in enumerate(tasks)}}
+        self.segments: list[tuple[int, int, int]] = [(0, 0, 0)]
+        order = [ckpt.tasks.index(t) for t in tasks]
+        for module_name, (a, b) in ckpt.lora.items():
+            if module_name.startswith("embeddings."):
+                continue
+            parent, _, attr = module_name.rpartition(".")
+            linear = self.model.get_submodule(module_name)
+            stack = [linear.weight.data]
+            for t in order:  # W + scale · B[t] @ A[t], merged in float32
+                delta = b[t].to(device, torch.float32) @ a[t].to(device, torch.float32)
+                stack.append((linear.weight.data.float() + ckpt.scale * delta).to(dtype))
+            setattr(self.model.get_submodule(parent), attr, TaskLinear(torch.stack(stack), linear.bias, self.segments))
+            del linear, stack
+        # Embedding adapters (A (vocab, r), B (r, hidden)): the word one runs on the fly at rank r,
+        # the token-type one (a single row: token type is always 0) becomes a per-task offset.
+        a, b = ckpt.lora["embeddings.word_embeddings"]
+        self.word_a = torch.stack([torch.zeros_like(a[0])] + [a[t] for t in order]).to(device, dtype)  # (variants, vocab, r)
+        self.word_b = torch.stack([torch.zeros_like(b[0])] + [ckpt.scale * b[t] for t in order]).to(device, dtype)  # (variants, r, hidden)
+        a, b = ckpt.lora["embeddings.token_type_embeddings"]
+        self.type_offset = torch.stack(
+            [torch.zeros(b.shape[-1], device=b.device)] + [ckpt.scale * (a[t, 0].float() @ b[t].float()) for t in order]
+        ).to(device, dtype)  # (variants, hidden)
         self._lock = threading.Lock()
 
-    def _merge(self, ckpt: Checkpoint, t: int) -> dict[str, torch.Tensor]:
-        merged = {}
-        for module, (a, b) in ckpt.lora.items():
-            name = module + ".weight"
-            base = self.params[name].data.float()
-            a_t, b_t = a[t].to(self.device, torch.float32), b[t].to(self.device, torch.float32)
-            if module == "embeddings.word_embeddings":
-                task = ckpt.tasks[t]
-                self.word_lora[task] = (a_t.to(self.dtype), (self.scale * b_t).to(self.dtype))  # (V, r), (r, H)
-                continue
-            # Embedding adapters store A (vocab, r) and B (r, hidden); Linear ones B (out, r) @ A (r, in).
-            delta = a_t @ b_t if module in EMBEDDINGS else b_t @ a_t
-            merged[name] = (base + self.scale * delta).to(self.dtype)
-        return merged
-
-    def _activate(self, task: str | None) -> None:
-        if task == self._active:
-            return
-        for name, tensor in self.weights[task].items():
-            self.params[name].data = tensor
-        if task is not None:  # untouched parameters (norms, biases) fall back to the base
-            for name in self.weights[None].keys() - self.weights[task].keys():
-                self.params[name].data = self.weights[None][name]
-        self._active = task
-
     @torch.inference_mode()
-    def forward_packed(self, input_ids: torch.Tensor, lengths: list[int], task: str | None) -> torch.Tensor:
-        """input_ids (tokens,) of texts back to back, ``lengths`` per text → last hidden state (tokens, hidden)."""
+    def forward_packed(self, input_ids: torch.Tensor, lengths: list[int], tasks: list[str | None]) -> torch.Tensor:
+        """Texts back to back (``input_ids`` (tokens,), ``lengths`` and ``tasks`` per text, texts of one
+        task adjacent) → last hidden state (tokens, hidden)."""
+        bounds = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=bounds[1:])
+        positions = np.arange(bounds[-1]) - np.repeat(bounds[:-1], lengths)  # restart at each text
+        segments, start = [], 0
+        for i in range(1, len(tasks) + 1):
+            if i == len(tasks) or tasks[i] != tasks[start]:
+                segments.append((self.variants[tasks[start]], int(bounds[start]), int(bounds[i])))
+                start = i
         ids = input_ids.to(self.device, non_blocking=True)
-        bounds = [0]
-        for n in lengths:
-            bounds.append(bounds[-1] + n)
-        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device, non_blocking=True)
-        cu_seqlens = torch.tensor(bounds, dtype=torch.int32).to(self.device, non_blocking=True)
+        pos = torch.from_numpy(positions).to(self.device, non_blocking=True)
+        cu_seqlens = torch.from_numpy(bounds.astype(np.int32)).to(self.device, non_blocking=True)
         with self._lock:
-            self._activate(task)
+            self.segments[:] = segments
             embeds = self.model.embeddings.word_embeddings(ids)  # (tokens, hidden)
-            if task is not None and task in self.word_lora:
-                a, b = self.word_lora[task]
-                embeds = embeds + a[ids] @ b  # the embedding adapter, rank r, on the fly
+            for variant, s, e in segments:
+                if variant:
+                    seg = ids[s:e]
+                    embeds[s:e] += self.word_a[variant][seg] @ self.word_b[variant] + self.type_offset[variant]
             out = self.model(
                 inputs_embeds=embeds[None],
-                position_ids=positions[None],
+                position_ids=pos[None],
                 cu_seqlens=cu_seqlens,
-                cu_seqlens_list=bounds,
-                max_seqlen=max(lengths),
+                cu_seqlens_list=bounds.tolist(),
+                max_seqlen=int(max(lengths)),
             )
         return out.last_hidden_state[0]  # (tokens, hidden)
