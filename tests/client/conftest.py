@@ -49,3 +49,30 @@ def sleeps() -> RecordingSleep:
 @pytest.fixture
 def retry(sleeps) -> RetryPolicy:
     return RetryPolicy(max_attempts=4, base_delay=0.1, max_delay=1.0, sleep=sleeps)
+
+
+@pytest.fixture(scope="session")
+def local_endpoint():
+    """The teammate's real server (python -m inference.serve) on a free loopback port, ready once
+    /ping answers. Long texts are truncated at 256 tokens to keep the 6 MB tests quick on a CPU."""
+    from client_support import REPO, TINY
+
+    if not (REPO / "inference" / "serve.py").is_file():
+        pytest.skip("inference/serve.py is absent: the local endpoint is not written yet")
+    from client.local import LocalEndpoint
+
+    endpoint = LocalEndpoint(TINY, env={"JV3_MAX_SEQ_LENGTH": "256", "JV3_LOG_LEVEL": "WARNING"}, cwd=REPO)
+    with endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def loopback_runtime(local_endpoint):
+    """Plain boto3 sagemaker-runtime speaking HTTP to the local endpoint, dummy credentials."""
+    return boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=local_endpoint.url,
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
