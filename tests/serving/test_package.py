@@ -180,3 +180,13 @@ def test_upload_multipart_with_checksums(archive, tmp_path, monkeypatch):
             upload(big, "s3://jv3-models/jv3/again.tar.gz", s3=s3, part_size=5 * 1024 * 1024)
     with pytest.raises(PackageError, match="expected s3://bucket/key"):
         upload(big, "jv3-models/model.tar.gz")
+
+
+def test_quickstart_make_run(tmp_path):
+    """`make run`: package, serve the unpacked archive, embed through boto3 with every task, stop."""
+    done = subprocess.run([sys.executable, "-m", "model_package.quickstart", "--checkpoint", str(TINY)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for task in ("retrieval.query", "retrieval.passage", "separation", "classification", "text-matching"):
+        assert f"task={task}" in done.stdout
+    assert "ModelError (400)" in done.stdout and "RANDOM weights" in done.stdout and "endpoint stopped" in done.stdout
