@@ -37,11 +37,12 @@ package: setup ## Build model.tar.gz from CHECKPOINT
 serve: setup ## Serve CHECKPOINT on http://127.0.0.1:8080 (SageMaker container contract)
 	$(PY) -m inference.serve --model-dir $(CHECKPOINT) --port 8080
 
-synth: setup ## Synthesise every CDK stack into cdk.out/ (no AWS credentials needed)
-	cd infra && ../$(PY) app.py
+synth: setup ## Synthesise every CDK stack into infra/cdk.out/ (no AWS credentials needed)
+	cd infra && $(abspath $(PY)) app.py
 
-deploy: setup ## cdk deploy to your AWS account (needs credentials and the CDK CLI)
-	cd infra && npx --yes aws-cdk@2.1031.0 deploy --all --app "../$(PY) app.py"
+deploy: setup ## cdk deploy --all (needs AWS credentials, npx, and JV3_MODEL_ARTIFACT; see docs/deploy.md)
+	@test -n "$$JV3_MODEL_ARTIFACT" || { echo "error: set JV3_MODEL_ARTIFACT to model.tar.gz (make package) or s3://bucket/key.tar.gz" >&2; exit 1; }
+	cd infra && JV3_REQUIRE_ARTIFACT=true npx --yes aws-cdk@2.1148.1 deploy --all --require-approval broadening --app "$(abspath $(PY)) app.py"
 
 bench: setup ## CPU benchmarks; figures go to bench/RESULTS.md
 	$(PY) -m bench.engine_cpu

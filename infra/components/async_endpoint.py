@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from aws_cdk import aws_kms as kms, aws_sagemaker as sagemaker, aws_sns as sns
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_sagemaker as sagemaker
+from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from .endpoint import CONTAINER_STARTUP_TIMEOUT_S, MODEL_DATA_DOWNLOAD_TIMEOUT_S, endpoint_name_for

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from aws_cdk import Duration, aws_applicationautoscaling as appscaling, aws_cloudwatch as cloudwatch
+from aws_cdk import Duration
+from aws_cdk import aws_applicationautoscaling as appscaling
+from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cw_actions
+from aws_cdk import aws_iam as iam
 from constructs import Construct
 
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
@@ -12,12 +15,21 @@ SCALE_OUT_COOLDOWN = Duration.minutes(5)
 SCALE_IN_COOLDOWN = Duration.minutes(15)
 
 
+SERVICE_LINKED_ROLE = ("aws-service-role/sagemaker.application-autoscaling.amazonaws.com/"
+                       "AWSServiceRoleForApplicationAutoScaling_SageMakerEndpoint")
+
+
 def _variant_target(scope: Construct, *, endpoint_name: str, variant_name: str,
                     min_capacity: int, max_capacity: int) -> appscaling.ScalableTarget:
-    return appscaling.ScalableTarget(
+    # Application Auto Scaling acts through its SageMaker service-linked role, which it creates on first
+    # registration when RoleARN is left out; naming it here only stops CDK from making an empty role.
+    linked_role = iam.Role.from_role_name(scope, "ServiceLinkedRole", SERVICE_LINKED_ROLE)
+    target = appscaling.ScalableTarget(
         scope, "Target", service_namespace=appscaling.ServiceNamespace.SAGEMAKER,
-        resource_id=f"endpoint/{endpoint_name}/variant/{variant_name}",
+        resource_id=f"endpoint/{endpoint_name}/variant/{variant_name}", role=linked_role,
         scalable_dimension=SCALABLE_DIMENSION, min_capacity=min_capacity, max_capacity=max_capacity)
+    target.node.default_child.add_property_deletion_override("RoleARN")
+    return target
 
 
 class VariantAutoscaling(Construct):

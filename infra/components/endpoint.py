@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from aws_cdk import Names, aws_kms as kms, aws_sagemaker as sagemaker
+from aws_cdk import Names
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
 # A 570M-parameter model in a ~2 GB archive with vendored wheels: download, unpack, load, warm up.

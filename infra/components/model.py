@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from aws_cdk import Aws, aws_iam as iam, aws_sagemaker as sagemaker
+from aws_cdk import Aws
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
 # CloudWatch namespaces SageMaker writes on the container's behalf (endpoint and transform job metrics).

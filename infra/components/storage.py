@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aws_cdk import Duration, RemovalPolicy, aws_kms as kms, aws_s3 as s3
+from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 
@@ -14,13 +16,13 @@ class AccessLogBucket(Construct):
     SSE-S3, not KMS: S3 log delivery cannot write to SSE-KMS buckets.
     """
 
-    def __init__(self, scope: Construct, construct_id: str, *, retention: Duration = Duration.days(365)) -> None:
+    def __init__(self, scope: Construct, construct_id: str, *, retention_days: int = 365) -> None:
         super().__init__(scope, construct_id)
         self.bucket = s3.Bucket(
             self, "Bucket", encryption=s3.BucketEncryption.S3_MANAGED, enforce_ssl=True, minimum_tls_version=1.2,
             block_public_access=s3.BlockPublicAccess.BLOCK_ALL, object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
             versioned=True, removal_policy=RemovalPolicy.RETAIN,
-            lifecycle_rules=[s3.LifecycleRule(id="expire-logs", expiration=retention,
+            lifecycle_rules=[s3.LifecycleRule(id="expire-logs", expiration=Duration.days(retention_days),
                                               noncurrent_version_expiration=Duration.days(30))])
 
 
@@ -30,13 +32,13 @@ class SecureBucket(Construct):
 
     def __init__(self, scope: Construct, construct_id: str, *, key: kms.IKey, access_logs: s3.IBucket,
                  log_prefix: str, expiration: Duration | None = None,
-                 infrequent_access_after: Duration | None = Duration.days(30),
+                 infrequent_access_after_days: int | None = 30,
                  extra_rules: Sequence[s3.LifecycleRule] = ()) -> None:
         super().__init__(scope, construct_id)
         transitions = []
-        if infrequent_access_after is not None:
+        if infrequent_access_after_days is not None:
             transitions.append(s3.Transition(storage_class=s3.StorageClass.INFREQUENT_ACCESS,
-                                             transition_after=infrequent_access_after))
+                                             transition_after=Duration.days(infrequent_access_after_days)))
         rules = [
             s3.LifecycleRule(id="tidy", abort_incomplete_multipart_upload_after=Duration.days(7),
                              noncurrent_version_expiration=Duration.days(30),

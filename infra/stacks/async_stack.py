@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from aws_cdk import Annotations, CfnOutput, Duration, RemovalPolicy, Stack, aws_iam as iam, aws_kms as kms
+from aws_cdk import Annotations, CfnOutput, Duration, RemovalPolicy, Stack
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
@@ -44,7 +46,7 @@ class AsyncEmbeddingStack(Stack):
             self, "Data", key=self.key, access_logs=access_logs, log_prefix="async",
             extra_rules=[s3.LifecycleRule(id="expire-requests", prefix=REQUESTS_PREFIX,
                                           expiration=Duration.days(7))],
-            expiration=Duration.days(30), infrequent_access_after=None).bucket
+            expiration=Duration.days(30), infrequent_access_after_days=None).bucket
         self.endpoint = AsyncEndpoint(
             self, "Async", model_name=self.model.model_name, instance_type=s.instance_type,
             volume_key=self.key if s.volume_kms_supported else None, output_key=self.key,

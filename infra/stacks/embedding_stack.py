@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from aws_cdk import Annotations, CfnOutput, Duration, RemovalPolicy, Stack, aws_iam as iam, aws_kms as kms
+from aws_cdk import Annotations, CfnOutput, Duration, RemovalPolicy, Stack
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
 from constructs import Construct
 
 from ..components.artifact import ModelArtifactSource
