@@ -55,13 +55,16 @@ CONTAINER_MAX_PAYLOAD_MB = 6
 SAGEMAKER_PAYLOAD_BUDGET_MB = 100
 RUN_PREFIX = "jv3-batch"
 
-# The infra stack's CloudFormation outputs this client reads: the one place that names them.
+# The infra stack's CloudFormation outputs this client reads (docs/deploy.md, "Stack outputs"):
+# the one place that names them. Optional ones may be absent.
 STACK_OUTPUTS = {
-    "model_name": "ModelName",
-    "input_bucket": "InputBucketName",
-    "output_bucket": "OutputBucketName",
+    "model_name": "BatchModelName",
+    "input_bucket": "BatchInputBucket",
+    "output_bucket": "BatchOutputBucket",
     "role_arn": "TransformRoleArn",
+    "kms_key_arn": "KmsKeyArn",
 }
+OPTIONAL_STACK_OUTPUTS = ("role_arn", "kms_key_arn")
 
 
 # ---- 1. reading a corpus ----------------------------------------------------------------------
@@ -301,6 +304,7 @@ class JobSettings:
     input_bucket: str
     output_bucket: str
     role_arn: str | None = None  # the Model carries the execution role; kept for reference
+    kms_key_arn: str | None = None  # encrypts the outputs (TransformOutput.KmsKeyId)
     instance_type: str = "ml.g5.xlarge"
     instance_count: int = 1
     max_concurrent_transforms: int = 1
@@ -312,7 +316,7 @@ class JobSettings:
         for attribute, output in STACK_OUTPUTS.items():
             if output in outputs:
                 values[attribute] = outputs[output]
-            elif attribute != "role_arn" and overrides.get(attribute) is None:
+            elif attribute not in OPTIONAL_STACK_OUTPUTS and overrides.get(attribute) is None:
                 raise InvalidArgument(
                     f"stack {stack_name!r} has no output {output!r}; it has {', '.join(sorted(outputs)) or 'none'}"
                 )
@@ -357,6 +361,9 @@ def job_request(
         if manifest_file_uri
         else {"S3DataType": "S3Prefix", "S3Uri": manifest.parts_uri}
     )
+    output = {"S3OutputPath": manifest.output_uri + "/", "Accept": JSONLINES, "AssembleWith": "Line"}
+    if settings.kms_key_arn:
+        output["KmsKeyId"] = settings.kms_key_arn
     return {
         "TransformJobName": job_name,
         "ModelName": settings.model_name,
@@ -370,7 +377,7 @@ def job_request(
             "CompressionType": "None",
             "SplitType": "Line",
         },
-        "TransformOutput": {"S3OutputPath": manifest.output_uri + "/", "Accept": JSONLINES, "AssembleWith": "Line"},
+        "TransformOutput": output,
         "TransformResources": {"InstanceType": settings.instance_type, "InstanceCount": settings.instance_count},
     }
 

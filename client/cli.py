@@ -197,7 +197,9 @@ def _write_matrix(vectors: np.ndarray, output_format: OutputFormat, output: Path
 
 Stack = Annotated[
     str | None,
-    typer.Option("--stack", envvar="JV3_STACK_NAME", help="Infra stack whose outputs name the model and buckets."),
+    typer.Option(
+        "--stack", envvar="JV3_STACK_NAME", help="Infra stack (Jv3Embeddings) whose outputs name the model and buckets."
+    ),
 ]
 
 

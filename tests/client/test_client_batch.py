@@ -229,10 +229,15 @@ def test_job_settings_come_from_the_stack_outputs(aws_env):
         stubber.add_client_error("describe_stacks", "ValidationError", "Stack with id missing does not exist")
         settings = batch.JobSettings.from_stack("jv3", cloudformation=cfn, instance_count=3)
         assert (settings.model_name, settings.input_bucket, settings.output_bucket, settings.role_arn) == (
-            "value-of-ModelName", "value-of-InputBucketName", "value-of-OutputBucketName", "value-of-TransformRoleArn"
+            "value-of-BatchModelName", "value-of-BatchInputBucket", "value-of-BatchOutputBucket",
+            "value-of-TransformRoleArn",
         )
+        request = batch.job_request(batch.Manifest("s3://i/r", "s3://o/r", "c", [batch.Part("p", 1, 0, 9, 9)]),
+                                    settings, job_name="r")
+        assert request["ModelName"] == "value-of-BatchModelName"
+        assert request["TransformOutput"]["KmsKeyId"] == "value-of-KmsKeyArn"
         assert settings.instance_count == 3
-        with pytest.raises(InvalidArgument, match="stack 'bare' has no output 'ModelName'"):
+        with pytest.raises(InvalidArgument, match="stack 'bare' has no output 'BatchModelName'"):
             batch.JobSettings.from_stack("bare", cloudformation=cfn)
         with pytest.raises(InvalidArgument, match="cannot read stack 'missing': Stack with id missing does not exist"):
             batch.JobSettings.from_stack("missing", cloudformation=cfn)
