@@ -194,7 +194,8 @@ class Engine:
                 slots[j] = len(chunks) - 1 if j == len(enc.ids) - 1 else 0
             else:
                 slots[j] = bisect.bisect_right(starts, begin) - 1
-        empty = sorted(set(range(len(chunks))) - set(slots.tolist()))
+        special = np.asarray(enc.special_tokens_mask, dtype=bool)
+        empty = sorted(set(range(len(chunks))) - set(slots[~special].tolist()))
         if empty:
             raise InvalidRequest(
                 f"late chunking: chunk {empty[0]} ({chunks[empty[0]]!r}) gets no token of its own; "
