@@ -45,7 +45,7 @@ deploy: setup ## cdk deploy --all (needs AWS credentials, npx, and JV3_MODEL_ART
 	cd infra && JV3_REQUIRE_ARTIFACT=true npx --yes aws-cdk@2.1148.1 deploy --all --require-approval broadening --app "$(abspath $(PY)) app.py"
 
 bench: setup ## CPU benchmarks; figures go to bench/RESULTS.md
-	$(PY) -m bench.engine_cpu
+	$(PY) -m bench.engine_speed --size mid --device cpu --reps 3 --out bench/cpu.json && $(PY) -m bench.report
 
 clean: ## Remove build outputs
 	rm -rf cdk.out infra/cdk.out build dist model.tar.gz

@@ -249,6 +249,8 @@ class DeploySettings:
             "JV3_DEFAULT_ENCODING": self.default_encoding,
             "JV3_MAX_BATCH_TOKENS": str(self.max_batch_tokens),
             "JV3_TASKS": ",".join(self.tasks),
+            # The BYOC server (inference.serve) enforces this itself; keep it equal to TorchServe's.
+            "JV3_MAX_REQUEST_BYTES": str(request_bytes),
         }
 
     # --- resolution ------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Engine throughput on a GPU, beside the unmodified native model, in one process.
 
-    python -m bench.engine_gpu --out results.json          # full-size random checkpoint (H100 run)
-    python -m bench.engine_gpu --small --device cpu        # smoke run of this script on a laptop
+    python -m bench.engine_speed --out bench/gpu-h100.json             # full-size random checkpoint, GPU
+    python -m bench.engine_speed --size mid --device cpu --out bench/cpu.json   # `make bench`: CPU, mid-size
+    python -m bench.engine_speed --size small --device cpu             # smoke run of this script
 
 Shapes are N texts × L tokens, half of the texts L/2 long, tasks round-robin over the five adapters.
 Throughput counts real (non-padding) tokens. Baselines, same weights, same process:
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.checkpoints import FULL, make_released_checkpoint
+from bench.checkpoints import FULL, MID, make_released_checkpoint
 from inference.engine import Engine, Sequence
 from inference.settings import TASKS, Settings
 
@@ -125,15 +126,19 @@ def cold_start(model_dir: Path, device: str) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true", help="tiny model and shapes (smoke test)")
+    ap.add_argument("--size", choices=("full", "mid", "small"), default="full", help="checkpoint size (mid: hidden 384, 6 layers)")
+    ap.add_argument("--shapes", default=None, help="e.g. 64x128,16x512 (default: the issue's four shapes; smaller for mid/small)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    sizes = SMALL if args.small else FULL
-    shapes = [(16, 64), (4, 256)] if args.small else SHAPES
-    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shapes": []}
+    sizes = {"full": FULL, "mid": MID, "small": SMALL}[args.size]
+    shapes = {"full": SHAPES, "mid": [(64, 128), (16, 512), (4, 2048)], "small": [(16, 64), (4, 256)]}[args.size]
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    report = {"torch": torch.__version__, "size": args.size, "threads": torch.get_num_threads(), "shapes": [],
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"}
     import transformers
 
     report["transformers"] = transformers.__version__
