@@ -189,7 +189,7 @@ class Engine:
             pos += len(chunk) + 1
             starts.append(pos)
         slots = np.empty(len(enc.ids), dtype=np.int64)
-        for j, ((begin, end), special) in enumerate(zip(enc.offsets, enc.special_tokens_mask, strict=True)):
+        for j, ((begin, _end), special) in enumerate(zip(enc.offsets, enc.special_tokens_mask, strict=True)):
             if special:
                 slots[j] = len(chunks) - 1 if j == len(enc.ids) - 1 else 0
             else:
