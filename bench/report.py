@@ -73,10 +73,9 @@ def main() -> None:
            "produced by `python -m bench.engine_speed` (`make bench` runs the CPU one). Shapes are N texts × L tokens, "
            "half of the texts L/2 long, tasks round-robin over the five adapters; random weights in the released layout.", ""]
     notes = {
-        "CPU": "Caveat: this CPU run shared the 2-core machine with test suites running in parallel (absolute figures "
-        "are several times lower than on an idle machine, and the ratios are noisy). On it the packed engine did **not** "
-        "reach the 1.2× goal over the padded native model at short lengths; it wins only at 4×2048, where padding "
-        "costs most. Rerun `make bench` on an idle machine before drawing conclusions.",
+        "CPU": "Measured on an idle machine. An earlier run of the same script on the same machine shared its 2 cores "
+        "with test suites (`bench/cpu-contended.json`): figures several times lower and ratios of 0.54-1.13x, i.e. "
+        "CPU ratios are only meaningful on an idle machine.",
     }
     for name, report in reports.items():
         out += [f"## {name}", ""] + table(report) + [""]
