@@ -172,6 +172,15 @@ def _rename_released(name: str) -> str:
     return name
 
 
+def _classify_released(name: str) -> tuple[str, str | tuple[str, str]]:
+    """A released tensor name → ("lora", (module, "lora_A"|"lora_B")) or ("base", native weight name)."""
+    native = _rename_released(name)
+    m = PARAMETRIZED.match(native)
+    if m and m["part"] != "original":
+        return "lora", (m["module"], m["part"].removeprefix("0."))
+    return "base", (m["module"] + ".weight" if m else native)
+
+
 def _strip_native_prefix(name: str) -> str:
     for prefix in ("roberta.", "model.", "base_model.model."):
         if name.startswith(prefix):
@@ -229,13 +238,10 @@ def _released_shapes(headers):
     """Split released names into base shapes (native names, Wqkv split) and LoRA shapes."""
     shapes, lora = {}, {}
     for name, (shape, _, _) in headers.items():
-        native = _rename_released(name)
-        m = PARAMETRIZED.match(native)
-        if m and m["part"] != "original":
-            lora[(m["module"], m["part"].removeprefix("0."))] = shape
+        kind, native = _classify_released(name)
+        if kind == "lora":
+            lora[native] = shape
             continue
-        if m:
-            native = m["module"] + ".weight"
         if ".qkv_proj." in native:
             third = (shape[0] // 3, *shape[1:])
             for proj in QKV:
@@ -310,23 +316,15 @@ def _load_released(config: dict, files: list[Path], device: str) -> Checkpoint:
     scale = float(config.get("lora_alpha", 1)) / float(config.get("lora_rank", 4))
     base, parts = {}, {}
     for name, tensor in _iter_tensors(files, device):
-        native = _rename_released(name)
-        if native.startswith(UNSERVED):
+        kind, native = _classify_released(name)
+        if (native[0] if kind == "lora" else native).startswith(UNSERVED):
             continue
-        m = PARAMETRIZED.match(native)
-        if m and m["part"] != "original":
-            parts[(m["module"], m["part"].removeprefix("0."))] = tensor
-            continue
-        if m:
-            native = m["module"] + ".weight"
-        base[native] = tensor
-    lora = {}
-    for module in sorted({m for m, _ in parts}):
-        a, b = parts[(module, "lora_A")], parts[(module, "lora_B")]
-        if module in EMBEDDINGS:
-            lora[module] = (a, b)  # A (T, vocab, r), B (T, r, hidden): delta = A @ B
+        if kind == "lora":
+            parts[native] = tensor
         else:
-            lora[module] = (a, b)  # A (T, r, in), B (T, out, r): delta = B @ A
+            base[native] = tensor
+    # Linear: A (T, r, in), B (T, out, r), delta = B @ A; embeddings: A (T, vocab, r), B (T, r, hidden), delta = A @ B
+    lora = {module: (parts[(module, "lora_A")], parts[(module, "lora_B")]) for module in sorted({m for m, _ in parts})}
     # One fused QKV projection in the released file; transformers' attention has q/k/v Linears.
     for key in [k for k in base if ".qkv_proj." in k]:
         for proj, chunk in zip(QKV, base.pop(key).chunk(3, dim=0), strict=True):
