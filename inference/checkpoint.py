@@ -6,12 +6,21 @@ Layouts
   base weight (``...parametrizations.weight.original``) and the five task adapters stacked along a
   first axis (``...weight.0.lora_A`` (T, r, in) and ``lora_B`` (T, out, r); the embeddings store A
   and B the other way round: A (T, vocab, r), B (T, r, hidden)). Stored in bf16 (fp32 in fixtures).
-- ``native`` (``jinaai/jina-embeddings-v3-hf``): transformers' own ``JinaEmbeddingsV3Model`` names
-  and one PEFT LoRA adapter directory per task (``adapters/<task>/adapter_config.json`` +
-  ``adapter_model.safetensors``, or ``<task>/…`` beside the weights).
+- ``hf`` (``jinaai/jina-embeddings-v3-hf``): what transformers' ``JinaEmbeddingsV3Model.save_pretrained``
+  and PEFT's ``save_pretrained`` write. ``model.safetensors`` (or shards and their index) holds plain
+  weights under the *original* module names, because transformers 5 reverts its load-time renames
+  when it saves: ``emb_ln.weight``, ``encoder.layers.0.mixer.Wqkv.weight`` (3·H × H, fused),
+  ``encoder.layers.0.norm1.bias``, ``pooler.dense.weight`` (no ``roberta.`` prefix, no
+  parametrizations). Beside it, one PEFT LoRA folder per task, named as the hub repository names
+  them (``retrieval_query/``, ``retrieval_passage/``, ``separation/``, ``classification/``,
+  ``text_matching/``: a PEFT adapter name cannot hold a dot), each with ``adapter_config.json``
+  (``r``, ``lora_alpha``, ``target_modules``) and ``adapter_model.safetensors`` under transformers'
+  in-memory names (``base_model.model.layers.0.self_attn.q_proj.lora_A.weight`` (r, in),
+  ``...lora_B.weight`` (out, r), ``base_model.model.embeddings.word_embeddings.lora_embedding_A``
+  (r, vocab) and ``...lora_embedding_B`` (hidden, r)).
 
-Both load into one ``Checkpoint``: the base weights under native names and, per module, the task
-adapters stacked as (A, B) so that ``delta[t] = scale · B[t] @ A[t]`` for Linear weights and
+Both load into one ``Checkpoint``: the base weights under transformers' names and, per module, the
+task adapters stacked as (A, B) so that ``delta[t] = scale · B[t] @ A[t]`` for Linear weights and
 ``scale · A[t] @ B[t]`` for embeddings. transformers' ``from_pretrained`` is not used: on the
 released layout it "succeeds" with every weight randomly initialised, so we map names ourselves
 from one table and refuse any missing, unexpected or mis-shaped tensor by name.
@@ -29,10 +38,13 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
+from .settings import TASKS
 
-# Released → native renames, applied in order to the name with its "roberta." prefix removed.
+# Original → transformers renames, applied in order to a name with its prefix removed. The released
+# file and what transformers 5 saves share the original names (transformers' own conversion_mapping
+# for jina_embeddings_v3 is this table); names already in transformers' form match no row and pass.
 # (vLLM's hf_to_vllm_mapper is the model: one declarative table, names streamed through it.)
-RELEASED_RENAMES: tuple[tuple[str, str], ...] = (
+RENAMES: tuple[tuple[str, str], ...] = (
     (r"^emb_ln\.", "embeddings.LayerNorm."),
     (r"^encoder\.layers\.(\d+)\.mixer\.out_proj\.", r"layers.\1.self_attn.o_proj."),
     (r"^encoder\.layers\.(\d+)\.mixer\.Wqkv\.", r"layers.\1.self_attn.qkv_proj."),  # split below
@@ -42,20 +54,36 @@ RELEASED_RENAMES: tuple[tuple[str, str], ...] = (
     (r"^embeddings\.", "embeddings."),
     (r"^pooler\.", "pooler."),
 )
+# "base_model.model." in front of every tensor PEFT saves; "roberta." in the released file (and in
+# what transformers saves for a model with a head). Stripped in this order.
+PREFIXES = ("base_model.model.", "roberta.")
 PARAMETRIZED = re.compile(r"^(?P<module>.+)\.parametrizations\.weight\.(?P<part>original|0\.lora_A|0\.lora_B)$")
+# PEFT's tensor names: a Linear's adapter is two Linears, an Embedding's two bare parameters.
+PEFT_LORA = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 EMBEDDINGS = ("embeddings.word_embeddings", "embeddings.token_type_embeddings")
 QKV = ("q_proj", "k_proj", "v_proj")
-# The pooler (CLS → dense → tanh) is in the released file but jina-embeddings-v3 mean-pools: not served.
+# The pooler (CLS → dense → tanh) is in both layouts but jina-embeddings-v3 mean-pools: not served.
 UNSERVED = ("pooler.",)
+
+# Adapter folder → task. The hub repository spells the tasks with underscores (PEFT adapter names
+# cannot hold a dot); the tasks' own spelling is accepted too.
+ADAPTER_FOLDERS: dict[str, str] = {
+    "retrieval_query": "retrieval.query",
+    "retrieval_passage": "retrieval.passage",
+    "separation": "separation",
+    "classification": "classification",
+    "text_matching": "text-matching",
+    **{task: task for task in TASKS},
+}
 
 
 @dataclass
 class Checkpoint:
     config: dict  # the checkpoint's config.json
-    layout: str  # "released" | "native"
+    layout: str  # "released" | "hf"
     tasks: tuple[str, ...]  # adapter order along the stacked axis
     scale: float  # lora_alpha / lora_rank
-    base: dict[str, torch.Tensor]  # native name → tensor (everything the model needs)
+    base: dict[str, torch.Tensor]  # transformers name → tensor (everything the model needs)
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module → (A, B)
     instructions: dict[str, str] = field(default_factory=dict)
 
@@ -91,7 +119,7 @@ def native_config(config: dict, *, attn_implementation: str = "sdpa"):
 
 
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every base tensor the native model needs, with its shape (the pooler excluded)."""
+    """Every base tensor the transformers model needs, with its shape (the pooler excluded)."""
     h, i = config["hidden_size"], config["intermediate_size"]
     shapes = {
         "embeddings.word_embeddings.weight": (config["vocab_size"], h),
@@ -109,6 +137,11 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         for norm in ("post_attention_layernorm", "post_mlp_layernorm"):
             shapes[f"{p}{norm}.weight"], shapes[f"{p}{norm}.bias"] = (h,), (h,)
     return shapes
+
+
+def lora_modules(config: dict) -> dict[str, tuple[int, int]]:
+    """Every module a LoRA adapter can target (the Linears and Embeddings) → its weight's shape."""
+    return {n.removesuffix(".weight"): s for n, s in expected_shapes(config).items() if n.endswith(".weight") and len(s) == 2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,42 +193,52 @@ def _headers(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str, Path]]:
 def detect_layout(names) -> str:
     if any(".parametrizations.weight." in n for n in names):
         return "released"
-    return "native"
+    return "hf"
 
 
-def _rename_released(name: str) -> str:
-    name = name.removeprefix("roberta.")
-    for pattern, repl in RELEASED_RENAMES:
+def _rename(name: str) -> str:
+    """A saved name (either layout, base or adapter) → transformers' name, through the one table."""
+    for prefix in PREFIXES:
+        name = name.removeprefix(prefix)
+    for pattern, repl in RENAMES:
         new, count = re.subn(pattern, repl, name)
         if count:
             return new
     return name
 
 
-def _classify_released(name: str) -> tuple[str, str | tuple[str, str]]:
-    """A released tensor name → ("lora", (module, "lora_A"|"lora_B")) or ("base", native weight name)."""
-    native = _rename_released(name)
+def _classify(name: str) -> tuple[str, str | tuple[str, str]]:
+    """A base-file tensor name → ("lora", (module, "lora_A"|"lora_B")) or ("base", transformers name).
+
+    Only the released file has "lora" tensors (parametrizations); the hf file's are all "base"."""
+    native = _rename(name)
     m = PARAMETRIZED.match(native)
     if m and m["part"] != "original":
         return "lora", (m["module"], m["part"].removeprefix("0."))
     return "base", (m["module"] + ".weight" if m else native)
 
 
-def _strip_native_prefix(name: str) -> str:
-    for prefix in ("roberta.", "model.", "base_model.model."):
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
+def _peft_name(name: str) -> str:
+    """A PEFT adapter tensor name → the same name on transformers' module names (unmatched names pass)."""
+    m = PEFT_LORA.match(name)
+    return f"{_rename(m['module'])}.{m['part']}" if m else _rename(name)
 
 
 def adapter_dirs(model_dir: Path) -> dict[str, Path]:
-    """Task name → PEFT adapter directory, for the native layout."""
-    found = {}
-    for root in (Path(model_dir) / "adapters", Path(model_dir)):
-        if root.is_dir():
-            for cfg in sorted(root.glob("*/adapter_config.json")):
-                found.setdefault(cfg.parent.name, cfg.parent)
-    return found
+    """Task → PEFT adapter folder beside the weights, in TASKS order. A folder holding an
+    adapter_config.json whose name is no task is refused rather than silently left out."""
+    found: dict[str, Path] = {}
+    for cfg in sorted(Path(model_dir).glob("*/adapter_config.json")):
+        folder = cfg.parent
+        task = ADAPTER_FOLDERS.get(folder.name)
+        if task is None:
+            raise CheckpointError(
+                f"adapter folder {folder.name!r} in {model_dir} is not a task; expected one of {', '.join(ADAPTER_FOLDERS)}"
+            )
+        if task in found:
+            raise CheckpointError(f"adapter folders {found[task].name!r} and {folder.name!r} are both task {task!r}; keep one")
+        found[task] = folder
+    return {task: found[task] for task in TASKS if task in found}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +246,7 @@ def adapter_dirs(model_dir: Path) -> dict[str, Path]:
 
 
 def validate_checkpoint(model_dir) -> dict:
-    """Check config, tokenizer and weight names/shapes without reading a tensor; raise CheckpointError."""
+    """Check config, tokenizer, weight and adapter names/shapes without reading a tensor; raise CheckpointError."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
@@ -211,17 +254,13 @@ def validate_checkpoint(model_dir) -> dict:
     files = weight_files(model_dir)
     headers = _headers(files)
     layout = detect_layout(headers)
-    if layout == "released":
-        tasks = tuple(config.get("lora_adaptations") or ())
-        shapes, lora_shapes = _released_shapes(headers)
-    else:
-        adapters = adapter_dirs(model_dir)
-        tasks = tuple(adapters)
-        shapes = {_strip_native_prefix(n): s for n, (s, _, _) in headers.items()}
-        lora_shapes = {}
+    shapes, lora_shapes = _base_shapes(headers)
     _check_base(shapes, config)
     if layout == "released":
+        tasks = tuple(config.get("lora_adaptations") or ())
         _check_released_lora(lora_shapes, config, len(tasks))
+    else:
+        tasks = tuple(_hf_adapters(model_dir, config))
     dtypes = sorted({d for _, d, _ in headers.values()})
     return {
         "layout": layout,
@@ -234,11 +273,11 @@ def validate_checkpoint(model_dir) -> dict:
     }
 
 
-def _released_shapes(headers):
-    """Split released names into base shapes (native names, Wqkv split) and LoRA shapes."""
+def _base_shapes(headers):
+    """Split base-file names into base shapes (transformers names, Wqkv split) and released LoRA shapes."""
     shapes, lora = {}, {}
     for name, (shape, _, _) in headers.items():
-        kind, native = _classify_released(name)
+        kind, native = _classify(name)
         if kind == "lora":
             lora[native] = shape
             continue
@@ -252,11 +291,17 @@ def _released_shapes(headers):
 
 
 def _check_base(shapes: dict, config: dict) -> None:
-    expected = expected_shapes(config)
     served = {n: s for n, s in shapes.items() if not n.startswith(UNSERVED)}
-    missing = sorted(set(expected) - set(served))
-    unexpected = sorted(set(served) - set(expected))
-    wrong = sorted(f"{n} {tuple(served[n])} (expected {expected[n]})" for n in set(expected) & set(served) if tuple(served[n]) != expected[n])
+    problems = _compare(expected_shapes(config), served)
+    if problems:
+        raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems))
+
+
+def _compare(expected: dict, found: dict) -> list[str]:
+    """Missing, unexpected and mis-shaped tensors, each named."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(f"{n} {tuple(found[n])} (expected {expected[n]})" for n in set(expected) & set(found) if tuple(found[n]) != expected[n])
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensor(s): {_names(missing)}")
@@ -264,8 +309,7 @@ def _check_base(shapes: dict, config: dict) -> None:
         problems.append(f"unexpected {len(unexpected)} tensor(s): {_names(unexpected)}")
     if wrong:
         problems.append(f"mis-shaped: {_names(wrong)}")
-    if problems:
-        raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems))
+    return problems
 
 
 def _check_released_lora(lora_shapes: dict, config: dict, n_tasks: int) -> None:
@@ -283,6 +327,95 @@ def _check_released_lora(lora_shapes: dict, config: dict, n_tasks: int) -> None:
         inner_b = b[1] if module in EMBEDDINGS else b[2]
         if inner_a != r or inner_b != r:
             raise CheckpointError(f"adapter of {module} has rank {inner_a}/{inner_b}, config.json says lora_rank {r}")
+
+
+# -- the hf layout's PEFT adapters
+
+
+@dataclass
+class _Adapter:
+    folder: Path
+    r: int
+    scale: float
+    modules: set[str]  # the modules its target_modules select
+
+
+def _hf_adapters(model_dir: Path, config: dict) -> dict[str, _Adapter]:
+    """Every task's adapter, checked (headers only) against its adapter_config.json and the model."""
+    folders = adapter_dirs(model_dir)
+    if not folders:
+        raise CheckpointError(
+            f"{model_dir} holds transformers weights but no PEFT adapter folder beside them; "
+            f"expected folders named {', '.join(ADAPTER_FOLDERS)}"
+        )
+    adapters = {task: _read_adapter(folder, config) for task, folder in folders.items()}
+    # Every task's adapter is stacked into one tensor per module and merged with one scale.
+    for what in ("r", "scale"):
+        values = {getattr(a, what) for a in adapters.values()}
+        if len(values) > 1:
+            each = ", ".join(f"{a.folder.name} {getattr(a, what):g}" for a in adapters.values())
+            raise CheckpointError(f"adapters differ in LoRA {what} ({each}); expected one {what} for all tasks")
+    return adapters
+
+
+def _read_adapter(folder: Path, config: dict) -> _Adapter:
+    path = folder / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    # What our merge W + scale·B@A computes: plain LoRA, one rank and one alpha for every module.
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{path}: peft_type {cfg['peft_type']!r} is not served; expected 'LORA'")
+    for key in ("use_dora", "rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise CheckpointError(f"{path}: {key} {cfg[key]!r} is not served; expected a plain LoRA adapter (one r, one lora_alpha)")
+    if not isinstance(cfg.get("r"), int) or cfg["r"] < 1 or "lora_alpha" not in cfg:
+        raise CheckpointError(f"{path}: r {cfg.get('r')!r} and lora_alpha {cfg.get('lora_alpha')!r}; expected a positive integer r and a lora_alpha")
+    r, alpha = cfg["r"], float(cfg["lora_alpha"])
+    scale = alpha / r**0.5 if cfg.get("use_rslora") else alpha / r
+    modules = _targets(cfg.get("target_modules"), lora_modules(config), path)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"adapter {folder.name!r} in {folder.parent} has no adapter_model.safetensors")
+    found = {_peft_name(n): s for n, (s, _, _) in _headers([weights]).items()}
+    problems = _compare(_adapter_shapes(modules, lora_modules(config), r), found)
+    if problems:
+        raise CheckpointError(f"adapter {folder.name!r} does not match its adapter_config.json and the model: " + "; ".join(problems))
+    return _Adapter(folder=folder, r=r, scale=scale, modules=modules)
+
+
+def _targets(target_modules, modules: dict, path: Path) -> set[str]:
+    """The modules PEFT adapts for ``target_modules``: a regex over the whole module name, "all-linear",
+    or a list of names, each matching a module with that name or that ends in "." + it."""
+    if isinstance(target_modules, str):
+        chosen = {m for m in modules if m not in EMBEDDINGS} if target_modules == "all-linear" else {m for m in modules if re.fullmatch(target_modules, m)}
+        if not chosen:
+            raise CheckpointError(f"{path}: target_modules {target_modules!r} selects no module of the model; its modules are {_short_names(modules)}")
+        return chosen
+    if not target_modules:
+        raise CheckpointError(f"{path} names no target_modules; expected some of {_short_names(modules)}")
+    unknown = [t for t in target_modules if not any(m == t or m.endswith("." + t) for m in modules)]
+    if unknown:
+        raise CheckpointError(f"{path}: target_modules {', '.join(map(repr, unknown))} match no module of the model; expected some of {_short_names(modules)}")
+    return {m for m in modules if any(m == t or m.endswith("." + t) for t in target_modules)}
+
+
+def _short_names(modules) -> str:
+    return ", ".join(dict.fromkeys(m.rpartition(".")[2] for m in modules))
+
+
+def _adapter_shapes(modules: set[str], shapes: dict, r: int) -> dict[str, tuple[int, int]]:
+    """The tensors PEFT saves for ``modules``, in PEFT's orientation: a Linear (out, in) has
+    lora_A (r, in) and lora_B (out, r); an Embedding (num, dim) lora_embedding_A (r, num) and _B (dim, r)."""
+    out = {}
+    for module in sorted(modules):
+        rows, cols = shapes[module]
+        if module in EMBEDDINGS:
+            out[f"{module}.lora_embedding_A"], out[f"{module}.lora_embedding_B"] = (r, rows), (cols, r)
+        else:
+            out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = (r, cols), (rows, r)
+    return out
 
 
 def _names(names, limit=8) -> str:
@@ -303,32 +436,38 @@ def load_checkpoint(model_dir, *, device: str = "cpu") -> Checkpoint:
     info = validate_checkpoint(model_dir)
     config = read_config(model_dir)
     files = weight_files(model_dir)
+    base, parts = _read_base(files, device)
     if info["layout"] == "released":
-        ckpt = _load_released(config, files, device)
+        ckpt = _released_lora(config, base, parts)
     else:
-        ckpt = _load_native(model_dir, config, files, device)
+        ckpt = _hf_lora(model_dir, config, base, device)
     ckpt.instructions = {t: (config.get("task_instructions") or {}).get(t, "") for t in ckpt.tasks}
     return ckpt
 
 
-def _load_released(config: dict, files: list[Path], device: str) -> Checkpoint:
-    tasks = tuple(config.get("lora_adaptations") or ())
-    scale = float(config.get("lora_alpha", 1)) / float(config.get("lora_rank", 4))
+def _read_base(files: list[Path], device: str):
+    """The base weights under transformers' names (fused QKV split), and the released file's LoRA parts."""
     base, parts = {}, {}
     for name, tensor in _iter_tensors(files, device):
-        kind, native = _classify_released(name)
+        kind, native = _classify(name)
         if (native[0] if kind == "lora" else native).startswith(UNSERVED):
             continue
         if kind == "lora":
             parts[native] = tensor
         else:
             base[native] = tensor
-    # Linear: A (T, r, in), B (T, out, r), delta = B @ A; embeddings: A (T, vocab, r), B (T, r, hidden), delta = A @ B
-    lora = {module: (parts[(module, "lora_A")], parts[(module, "lora_B")]) for module in sorted({m for m, _ in parts})}
-    # One fused QKV projection in the released file; transformers' attention has q/k/v Linears.
+    # One fused QKV projection in both files; transformers' attention has q/k/v Linears.
     for key in [k for k in base if ".qkv_proj." in k]:
         for proj, chunk in zip(QKV, base.pop(key).chunk(3, dim=0), strict=True):
             base[key.replace("qkv_proj", proj)] = chunk
+    return base, parts
+
+
+def _released_lora(config: dict, base: dict, parts: dict) -> Checkpoint:
+    tasks = tuple(config.get("lora_adaptations") or ())
+    scale = float(config.get("lora_alpha", 1)) / float(config.get("lora_rank", 4))
+    # Linear: A (T, r, in), B (T, out, r), delta = B @ A; embeddings: A (T, vocab, r), B (T, r, hidden), delta = A @ B
+    lora = {module: (parts[(module, "lora_A")], parts[(module, "lora_B")]) for module in sorted({m for m, _ in parts})}
     for module in [m for m in lora if m.endswith(".qkv_proj")]:
         a, b = lora.pop(module)
         for proj, b_chunk in zip(QKV, b.chunk(3, dim=1), strict=True):
@@ -336,42 +475,30 @@ def _load_released(config: dict, files: list[Path], device: str) -> Checkpoint:
     return Checkpoint(config=config, layout="released", tasks=tasks, scale=scale, base=base, lora=lora)
 
 
-def _load_native(model_dir: Path, config: dict, files: list[Path], device: str) -> Checkpoint:
-    base = {}
-    for name, tensor in _iter_tensors(files, device):
-        native = _strip_native_prefix(name)
-        if not native.startswith(UNSERVED):
-            base[native] = tensor
-    adapters = adapter_dirs(model_dir)
+def _hf_lora(model_dir: Path, config: dict, base: dict, device: str) -> Checkpoint:
+    adapters = _hf_adapters(model_dir, config)
     tasks = tuple(adapters)
-    per_task: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    scales = set()
-    for task, folder in adapters.items():
-        adapter_cfg = json.loads((folder / "adapter_config.json").read_text())
-        r, alpha = adapter_cfg.get("r", 8), adapter_cfg.get("lora_alpha", 8)
-        scales.add(alpha / (r**0.5) if adapter_cfg.get("use_rslora") else alpha / r)
-        weights = folder / "adapter_model.safetensors"
-        if not weights.is_file():
-            raise CheckpointError(f"adapter {task!r} in {folder} has no adapter_model.safetensors")
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensor in _iter_tensors([weights], device):
-            m = re.match(r"^(?:base_model\.model\.)?(?:roberta\.|model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$", name)
-            if not m:
-                raise CheckpointError(f"adapter {task!r}: unexpected tensor {name}")
-            pairs.setdefault(m["module"], {})[m["part"]] = tensor
-        for module, p in pairs.items():
-            if "lora_embedding_A" in p:  # PEFT: A (r, vocab), B (hidden, r) → ours: A (vocab, r), B (r, hidden)
-                per_task.setdefault(module, []).append((p["lora_embedding_A"].T, p["lora_embedding_B"].T))
-            else:
-                per_task.setdefault(module, []).append((p["lora_A"], p["lora_B"]))
-    if len(scales) > 1:
-        raise CheckpointError(f"adapters use different LoRA scales {sorted(scales)}; expected one")
-    lora = {}
-    for module, pairs in per_task.items():
-        if len(pairs) != len(tasks):
-            raise CheckpointError(f"module {module} has adapters for {len(pairs)} of {len(tasks)} tasks")
-        lora[module] = (torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
-    unknown = sorted(m for m in lora if m + ".weight" not in base)
-    if unknown:
-        raise CheckpointError(f"adapters target modules the model lacks: {_names(unknown)}")
-    return Checkpoint(config=config, layout="native", tasks=tasks, scale=scales.pop() if scales else 0.0, base=base, lora=lora)
+    first = next(iter(adapters.values()))
+    shapes = lora_modules(config)
+    # A module one task adapts and another does not gets a zero delta for the latter; the two
+    # embeddings are always present because the model applies their adapters on the fly.
+    modules = sorted(set().union(*(a.modules for a in adapters.values())) | set(EMBEDDINGS))
+    per_task = []
+    for adapter in adapters.values():
+        tensors = {_peft_name(n): t for n, t in _iter_tensors([adapter.folder / "adapter_model.safetensors"], device)}
+        like = next(iter(tensors.values()))  # zeros in the adapter's dtype, so that the tasks stack
+        per_task.append({m: _to_ours(m, tensors, shapes[m], first.r, like) for m in modules})
+    lora = {m: (torch.stack([t[m][0] for t in per_task]), torch.stack([t[m][1] for t in per_task])) for m in modules}
+    return Checkpoint(config=config, layout="hf", tasks=tasks, scale=first.scale, base=base, lora=lora)
+
+
+def _to_ours(module: str, tensors: dict, shape: tuple[int, int], r: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's PEFT (A, B) in our orientation; zeros where this adapter does not target it."""
+    rows, cols = shape
+    if module in EMBEDDINGS:  # PEFT: A (r, vocab), B (hidden, r) → ours: A (vocab, r), B (r, hidden)
+        if f"{module}.lora_embedding_A" not in tensors:
+            return like.new_zeros(rows, r), like.new_zeros(r, cols)
+        return tensors[f"{module}.lora_embedding_A"].T, tensors[f"{module}.lora_embedding_B"].T
+    if f"{module}.lora_A.weight" not in tensors:  # Linear: A (r, in), B (out, r), as ours
+        return like.new_zeros(r, cols), like.new_zeros(rows, r)
+    return tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
