@@ -12,16 +12,19 @@ request per line, so a bad line becomes an error record on its own line instead 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import math
 import re
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .encodings import encode_matrix
-from .errors import InvalidRequest, JV3Error, NotAcceptable, UnsupportedMediaType
+from .errors import InvalidRequest, JV3Error, ModelError, NotAcceptable, UnsupportedMediaType
 from .request import EmbedRequest, EmbedResult, _short
 from .settings import TASKS
 
@@ -40,7 +43,22 @@ CONTENT_TYPES = {
 ACCEPTS = (JSON, JSONLINES, CSV)
 JINA_PARAMETERS = ("task", "dimensions", "late_chunking", "embedding_type", "normalized", "truncate")
 # A JSON string (escapes included) or one bracket: what the depth scan needs to see, found in C.
-_JSON_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)
+# Linear by construction: the quantifiers are possessive (never give back, so no backtracking and no
+# backtrack stack) and the closing quote is optional, so a match that starts at a quote cannot fail;
+# an unterminated string is one token running to the end instead of a failed match retried at each
+# of its quotes (the quadratic scan of issue 10). Every other position fails on its first character.
+_JSON_TOKENS = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"?|[\[\]{}]', re.S)
+# RFC 4180 fields. A quoted field runs to the next quote that is not doubled; its closing quote is
+# optional for the same reason as above, so a missing one is seen (group 2 empty), not backtracked.
+# Spaces or tabs after the closing quote are dropped: sloppy writers put them there, and they are
+# unambiguous.
+_CSV_QUOTED = re.compile(r'"([^"]*+(?:""[^"]*+)*+)("?)[ \t]*+')
+_CSV_BARE = re.compile(r"[^,\n]*+")
+_BOM = "\ufeff"
+# Characters JSON allows raw inside strings that str.splitlines() and JavaScript treat as line breaks;
+# escaped on output so a JSON Lines response splits into exactly its records whatever reads it.
+_JSON_LINE_BREAKS = (("\u2028", "\\u2028"), ("\u2029", "\\u2029"), ("\x85", "\\u0085"))
+_QVALUE = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)\Z")
 
 
 @dataclass
@@ -103,6 +121,7 @@ def parse_request(
     if kind == JSONLINES:
         return _parse_jsonlines(body, check)
     text = _decode(body)
+    text = text[1:] if text.startswith(_BOM) else text  # Windows editors start UTF-8 files with one
     if kind == CSV:
         return _parse_csv(text, check)
     if not text.strip():
@@ -122,21 +141,63 @@ def _decode(body: bytes | str, offset: int = 0) -> str:
         ) from None
 
 
+class _BadNumber(Exception):
+    """Raised by the decoder's number hooks; ``_loads`` says where."""
+
+
+def _refuse_constant(name: str):
+    raise _BadNumber(f"{name} is not a JSON value (JSON has no NaN or Infinity); send a finite number, a string or null")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: echoing it would write a bare Infinity, which is not JSON either
+        raise _BadNumber(f"number {_clip(text)} is out of range (it overflows to {value}); send a finite number")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # over Python's int-from-string limit (4300 digits): int() refuses, as we must
+        raise _BadNumber(
+            f"integer {_clip(text)} has {len(text.lstrip('-'))} digits, more than the "
+            f"{sys.get_int_max_str_digits()} accepted; send it as a string"
+        ) from None
+
+
+def _clip(text: str, limit: int = 24) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# strict=False: a raw control character inside a string (a form feed or tab pasted from a PDF) is
+# unambiguous, so it is taken as text rather than failing the record; responses escape it again.
+_DECODER = json.JSONDecoder(
+    parse_float=_finite_float, parse_int=_bounded_int, parse_constant=_refuse_constant, strict=False
+)
+
+
 def _loads(text: str, what: str = "body"):
     _check_depth(text, what)
     try:
-        return json.loads(text)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
             f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (char {exc.pos})",
             field="body",
         ) from None
+    except _BadNumber as exc:
+        raise InvalidRequest(f"{what} is not valid JSON: {exc}", field="body") from None
     except RecursionError:  # the scan above makes this unreachable; kept as the last line of defence
-        raise InvalidRequest(f"{what} is nested too deeply", field="body") from None
+        raise InvalidRequest(f"{what} is JSON nested deeper than {MAX_JSON_DEPTH} levels", field="body") from None
 
 
 def _check_depth(text: str, what: str) -> None:
-    """Refuse JSON nested deeper than ``MAX_JSON_DEPTH`` before the parser recurses into it."""
+    """Refuse JSON nested deeper than ``MAX_JSON_DEPTH`` before the parser recurses into it.
+
+    One pass over ``text``: ``_JSON_TOKENS`` cannot backtrack (see there), and a string with no closing
+    quote ends the scan, as the parser will refuse the body at that string anyway.
+    """
     if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
         return
     depth = 0
@@ -181,6 +242,30 @@ def _parse_json_object(obj, check: _Validator) -> Invocation:
     )
 
 
+# Optional fields: absent and null both mean the default; a value of the wrong type is refused by
+# name, so `"parameters": false` or `"normalize": 0` cannot quietly stand for "the defaults".
+
+
+def _object(obj: dict, name: str) -> dict:
+    value = obj.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            f"'{name}' must be an object (or absent), got {type(value).__name__} {_short(value)}", field=name
+        )
+    return value
+
+
+def _flag(obj: dict, name: str, default: bool) -> bool:
+    value = obj.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be true or false, got {_short(value)}", field=name)
+    return value
+
+
 def _jina(obj: dict) -> EmbedRequest:
     data = obj["data"]
     if not isinstance(data, list):
@@ -198,9 +283,7 @@ def _jina(obj: dict) -> EmbedRequest:
         else:
             texts.append(item)
             ids.append(None)
-    params = obj.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise InvalidRequest(f"'parameters' must be an object, got {_short(params)}", field="parameters")
+    params = _object(obj, "parameters")
     unknown = sorted(set(params) - set(JINA_PARAMETERS))
     if unknown:
         raise InvalidRequest(
@@ -208,24 +291,27 @@ def _jina(obj: dict) -> EmbedRequest:
             field=f"parameters.{unknown[0]}",
         )
     return EmbedRequest(
-            texts=texts,
-            task=params.get("task"),
-            dimensions=params.get("dimensions"),
-            late_chunking=params.get("late_chunking", False),
-            normalized=params.get("normalized", True),
-            truncate=params.get("truncate", True),
-            encoding=params.get("embedding_type"),
-            ids=ids if any(i is not None for i in ids) else None,
+        texts=texts,
+        task=params.get("task"),
+        dimensions=params.get("dimensions"),
+        late_chunking=_flag(params, "late_chunking", False),
+        normalized=_flag(params, "normalized", True),
+        truncate=_flag(params, "truncate", True),
+        encoding=params.get("embedding_type"),
+        ids=ids if any(i is not None for i in ids) else None,
     )
 
 
 def _openai(obj: dict) -> EmbedRequest:
-    encoding = obj.get("encoding_format") or "float"  # OpenAI clients expect float unless they ask
+    model = obj.get("model")
+    if model is not None and not isinstance(model, str):  # ignored, but a client sending 5 has a bug
+        raise InvalidRequest(f"'model' must be a string, got {_short(model)}", field="model")
+    encoding = obj.get("encoding_format")
     return EmbedRequest(
         texts=_text_list(obj["input"], "input"),
         task=obj.get("task"),
         dimensions=obj.get("dimensions"),
-        encoding=encoding,
+        encoding="float" if encoding is None else encoding,  # OpenAI clients expect float unless they ask
     )
 
 
@@ -234,8 +320,8 @@ def _tei(obj: dict) -> EmbedRequest:
         texts=_text_list(obj["inputs"], "inputs"),
         task=obj.get("task"),
         dimensions=obj.get("dimensions"),
-        normalized=obj.get("normalize", True),
-        truncate=obj.get("truncate", True),
+        normalized=_flag(obj, "normalize", True),
+        truncate=_flag(obj, "truncate", True),
         encoding="float",  # TEI answers plain float arrays
     )
 
@@ -250,20 +336,33 @@ def _text_list(value, name: str) -> list:
     raise InvalidRequest(f"'{name}' must be a string or a list of strings, got {_short(value)}", field=name)
 
 
+def _blank_line(line: int) -> InvalidRequest:
+    """The one rule for blank records in every record format: an error record in the blank line's place
+    (never an empty text, never a failed batch), so the output still has one line per input line."""
+    return InvalidRequest(
+        f'line {line} is blank; every line must hold one record (send "" to embed an empty text)',
+        field=f"line {line}",
+    )
+
+
 def _parse_jsonlines(body: bytes | str, check: _Validator) -> Invocation:
     raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
-    lines = raw.split(b"\n")
-    if lines and not lines[-1].strip():
-        lines.pop()  # the newline that ends the last record
-    if not raw.strip():
+    offset = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    if not raw[offset:].strip():
         raise InvalidRequest("empty JSON Lines body; expected one record per line", field="body")
-    requests, ids, offset = [], [], 0
+    # The one line rule: a record ends at \n (a \r before it is dropped), never where str.splitlines()
+    # would also split (form feed, U+2028, U+0085, a lone \r...): texts may hold those, and one extra
+    # split would shift every later record against the input lines batch transform joins them to.
+    lines = raw[offset:].split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the newline that ends the last record does not start a blank one
+    requests, ids = [], []
     for i, line in enumerate(lines):
         record_id = None
         try:
             text = _decode(line.rstrip(b"\r"), offset)
             if not text.strip():
-                raise InvalidRequest(f"line {i + 1} is empty; expected a JSON record", field=f"line {i + 1}")
+                raise _blank_line(i + 1)
             record = _loads(text, f"line {i + 1}")
             if isinstance(record, dict):
                 record_id = record.get("id")
@@ -286,29 +385,106 @@ def _parse_jsonlines(body: bytes | str, check: _Validator) -> Invocation:
 
 
 def _parse_csv(text: str, check: _Validator) -> Invocation:
-    try:
-        rows = list(csv.reader(io.StringIO(text, newline="")))
-    except csv.Error as exc:
-        raise InvalidRequest(f"body is not valid CSV: {exc}", field="body") from None
-    first = [c.strip().lower() for c in rows[0]] if rows else []
-    if "text" in first:  # a header row
-        header = first
-        rows.pop(0)
-        text_col, id_col = header.index("text"), (header.index("id") if "id" in header else None)
-    else:
-        text_col, id_col = 0, None
-    if not rows:
+    if not text.strip():
         raise InvalidRequest("empty CSV body; expected one text per row", field="body")
+    records = _csv_records(text)
+    text_col, id_col = 0, None
+    first = records[0][1]
+    header = [c.strip().lower() for c in first] if isinstance(first, list) else []
+    if "text" in header:  # a header row
+        records.pop(0)
+        text_col, id_col = header.index("text"), (header.index("id") if "id" in header else None)
+    if not records:
+        raise InvalidRequest("CSV body has a header row and no records; expected one text per row", field="body")
     requests, ids = [], []
-    for row in rows:
-        record_id = row[id_col] if id_col is not None and id_col < len(row) else None
-        text = row[text_col] if text_col < len(row) else ""
+    for line, fields in records:
+        if isinstance(fields, JV3Error):  # a blank or malformed line: its error is its record
+            requests.append(fields)
+            ids.append(None)
+            continue
+        record_id = fields[id_col] if id_col is not None and id_col < len(fields) else None
         try:
-            requests.append(check(EmbedRequest(texts=[text], ids=[record_id])))
+            if text_col >= len(fields):  # a short row must not become an empty text
+                raise InvalidRequest(
+                    f"line {line} has {len(fields)} field(s), no column {text_col + 1} ('text')", field=f"line {line}"
+                )
+            requests.append(check(EmbedRequest(texts=[fields[text_col]], ids=[record_id])))
         except JV3Error as err:
             requests.append(err)
         ids.append(record_id)
     return Invocation("csv", requests, meta={"ids": ids})
+
+
+def _csv_records(text: str) -> list[tuple[int, list[str] | InvalidRequest]]:
+    """RFC 4180 records in one pass: (the line a record starts on, its fields or that line's error).
+
+    A record ends at \\n outside quotes (a \\r before it is dropped; a lone \\r is text, as in JSON
+    Lines). A field that starts with a quote runs to the next quote that is not doubled and may hold
+    commas and newlines; a quote inside an unquoted field is text, as spreadsheets write it.
+    Linear: ``pos`` only moves forward and every pattern is anchored at it and possessive.
+    """
+    records, pos, line, end = [], 0, 1, len(text)
+    while pos < end:
+        start, first_line = pos, line
+        newline = text.find("\n", pos)
+        stop = end if newline < 0 else newline
+        if text.find('"', pos, stop) < 0:  # no quote on the line (the common case): split it in C
+            fields = text[pos:stop].split(",")
+            if fields[-1].endswith("\r"):
+                fields[-1] = fields[-1][:-1]
+            record, pos = fields, stop
+        else:
+            record, pos, line = _csv_quoted_record(text, pos, line)
+        if isinstance(record, list) and len(record) == 1 and not record[0].strip() and text[start] != '"':
+            record = _blank_line(first_line)
+        records.append((first_line, record))
+        if pos < end:  # the \n that ends the record
+            pos += 1
+            line += 1
+    return records
+
+
+def _csv_quoted_record(text: str, pos: int, line: int) -> tuple[list[str] | InvalidRequest, int, int]:
+    """One record that has a quote in it, from ``pos`` to (not past) the \\n that ends it.
+
+    Text between a closing quote and the next comma makes an error record of the rest of that line;
+    a quote that is never closed refuses the body, as no later record has a knowable start.
+    """
+    fields, first_line, end = [], line, len(text)
+    while True:
+        if text.startswith('"', pos):
+            match = _CSV_QUOTED.match(text, pos)
+            if not match.group(2):
+                raise InvalidRequest(
+                    f"CSV line {line}: the quoted field opened at column {_column(text, pos)} is never closed; "
+                    f'a field that starts with " ends at the next single " (write "" for a quote inside it)',
+                    field=f"line {line}",
+                )
+            fields.append(match.group(1).replace('""', '"'))
+            line += match.group(1).count("\n")
+            pos = match.end()
+            if text.startswith("\r", pos) and (pos + 1 == end or text[pos + 1] == "\n"):
+                pos += 1  # \r\n ends the record
+        else:
+            match = _CSV_BARE.match(text, pos)
+            value, pos = match.group(), match.end()
+            fields.append(value[:-1] if value.endswith("\r") and (pos == end or text[pos] == "\n") else value)
+        if pos == end or text[pos] == "\n":
+            return fields, pos, line
+        if text[pos] == ",":
+            pos += 1
+            continue
+        error = InvalidRequest(
+            f"CSV line {line}, column {_column(text, pos)}: {text[pos]!r} after the closing quote of a field; "
+            f'a quoted field ends at its closing quote (write "" for a quote inside it)',
+            field=f"line {first_line}",
+        )
+        newline = text.find("\n", pos)
+        return error, (end if newline < 0 else newline), line  # the rest of the line is the bad record's
+
+
+def _column(text: str, pos: int) -> int:
+    return pos - text.rfind("\n", 0, pos)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -320,9 +496,8 @@ def negotiate(accept: str | None, invocation: Invocation | None = None) -> str:
         return JSONLINES if invocation is not None and invocation.is_records else JSON
     ranges = []
     for position, part in enumerate(accept.split(",")):
-        name, _, params = part.partition(";")
-        q = re.search(r"q\s*=\s*([0-9.]+)", params)
-        ranges.append((-(float(q.group(1)) if q else 1.0), position, name.strip().lower()))
+        name, *params = part.split(";")
+        ranges.append((-_qvalue(part, params), position, name.strip().lower()))
     for neg_q, _, name in sorted(ranges):
         if neg_q == 0:
             continue
@@ -338,6 +513,24 @@ def negotiate(accept: str | None, invocation: Invocation | None = None) -> str:
         f"cannot answer with {accept!r}; this endpoint writes application/json, application/jsonlines or text/csv",
         field="accept",
     )
+
+
+def _qvalue(part: str, params: list[str]) -> float:
+    """The weight of one Accept range: 1 when it has no q; a malformed q is the client's mistake (400),
+    not a reason to guess its preference or to fail inside the server."""
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() != "q":
+            continue
+        value = value.strip()
+        if _QVALUE.match(value) and float(value) <= 1:
+            return float(value)
+        raise InvalidRequest(
+            f"malformed Accept header: q={_short(value)} in {_short(part.strip())}; "
+            f"a q-value is a number from 0 to 1, e.g. 'application/json;q=0.5'",
+            field="accept",
+        )
+    return 1.0
 
 
 def write_response(invocation: Invocation, accept: str, *, model: str, default_task: str) -> tuple[bytes, str]:
@@ -367,7 +560,7 @@ def write_response(invocation: Invocation, accept: str, *, model: str, default_t
 
 
 def error_body(error: JV3Error) -> bytes:
-    return json.dumps(error.to_dict(), ensure_ascii=False).encode("utf-8")
+    return _json_bytes(error.to_dict())
 
 
 def _encoded_rows(result: EmbedResult) -> list:
@@ -376,7 +569,22 @@ def _encoded_rows(result: EmbedResult) -> list:
 
 
 def _dumps(obj) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _json_bytes(obj, separators=(",", ":"))
+
+
+def _json_bytes(obj, **options) -> bytes:
+    """``obj`` as UTF-8 JSON that is valid and one line whatever the request echoed into it."""
+    try:
+        text = json.dumps(obj, ensure_ascii=False, allow_nan=False, **options)
+    except ValueError as exc:  # NaN or infinity: the parsers refuse them in requests, so the model made it
+        raise ModelError(f"the response would hold a non-finite number ({exc}); refusing to write invalid JSON") from None
+    for char, escape in _JSON_LINE_BREAKS:
+        if char in text:
+            text = text.replace(char, escape)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate in an echoed id or key: its \uXXXX escape is still valid JSON
+        return json.dumps(obj, allow_nan=False, **options).encode("ascii")
 
 
 def _write_jina(request: EmbedRequest, result: EmbedResult, model: str, default_task: str) -> bytes:

@@ -59,7 +59,7 @@ class EmbedRequest:
                 )
             if not 1 <= self.dimensions <= hidden_size:
                 raise InvalidRequest(
-                    f"dimensions {self.dimensions} is out of range; expected 1 to {hidden_size}", field="dimensions"
+                    f"dimensions {_short(self.dimensions)} is out of range; expected 1 to {hidden_size}", field="dimensions"
                 )
         for name in ("late_chunking", "normalized", "truncate"):
             value = getattr(self, name)
