@@ -12,21 +12,26 @@ from __future__ import annotations
 from .async_inference import AsyncEmbeddingClient, AsyncInvocation
 from .errors import (
     AsyncInferenceError,
+    BadResponse,
     BatchJobError,
     CapacityError,
     ClientError,
+    DeadlineExceeded,
     EndpointError,
     EndpointNotFound,
+    EndpointTimeout,
     EndpointUnavailable,
     InvalidArgument,
     InvalidRequestError,
     ModelNotReady,
+    PartialFailure,
     ProtocolError,
     RequestTooLarge,
     ServerError,
     ThrottledError,
     WaitTimeout,
 )
+from .lines import split_lines
 from .realtime import EmbeddingClient
 from .retry import RetryPolicy
 from .wire import EMBEDDING_TYPES, MAX_REQUEST_BYTES, TASKS
@@ -38,20 +43,25 @@ __all__ = [
     "AsyncEmbeddingClient",
     "AsyncInferenceError",
     "AsyncInvocation",
+    "BadResponse",
     "BatchJobError",
     "CapacityError",
     "ClientError",
+    "DeadlineExceeded",
     "EmbeddingClient",
     "EndpointError",
     "EndpointNotFound",
+    "EndpointTimeout",
     "EndpointUnavailable",
     "InvalidArgument",
     "InvalidRequestError",
     "ModelNotReady",
+    "PartialFailure",
     "ProtocolError",
     "RequestTooLarge",
     "RetryPolicy",
     "ServerError",
     "ThrottledError",
     "WaitTimeout",
+    "split_lines",
 ]

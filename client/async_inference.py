@@ -49,6 +49,7 @@ class AsyncInvocation:
     failure_location: str | None
     count: int
     embedding_type: str
+    dimensions: int | None = None  # what was asked for: the response is checked against it
 
 
 class AsyncEmbeddingClient:
@@ -145,6 +146,7 @@ class AsyncEmbeddingClient:
                     failure_location=response.get("FailureLocation"),
                     count=stop - start,
                     embedding_type=params.embedding_type,
+                    dimensions=params.dimensions,
                 )
             )
         return invocations
@@ -188,7 +190,12 @@ class AsyncEmbeddingClient:
     def _poll(self, invocation: AsyncInvocation) -> np.ndarray | None:
         body = self._read(invocation.output_location)
         if body is not None:
-            return parse_response(body, expected=invocation.count, embedding_type=invocation.embedding_type)
+            return parse_response(
+                body,
+                expected=invocation.count,
+                embedding_type=invocation.embedding_type,
+                dimensions=invocation.dimensions,
+            )
         if invocation.failure_location:
             failure = self._read(invocation.failure_location)
             if failure is not None:

@@ -22,13 +22,18 @@ def runtime_client(
     endpoint_url: str | None = None,
     max_pool_connections: int = 10,
     read_timeout: float = 70.0,
+    connect_timeout: float = 10.0,
 ):
-    """A ``sagemaker-runtime`` client; with ``endpoint_url``, one that speaks to a local endpoint."""
+    """A ``sagemaker-runtime`` client; with ``endpoint_url``, one that speaks to a local endpoint.
+
+    ``read_timeout`` bounds each wait for bytes of an answer and ``connect_timeout`` each connection
+    attempt (botocore's ``Config``); SageMaker itself gives a real-time invocation 60 s.
+    """
     config = Config(
         retries={"total_max_attempts": 1, "mode": "standard"},
         max_pool_connections=max(10, max_pool_connections),
         read_timeout=read_timeout,
-        connect_timeout=10,
+        connect_timeout=connect_timeout,
     )
     kwargs: dict = {"config": config}
     if endpoint_url:

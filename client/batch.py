@@ -5,7 +5,9 @@ The story of one corpus:
 1. ``corpus_lines`` reads a local file (JSON Lines ``{"text", "id"?}``, CSV with a text column, or
    plain text, one document a line) as JSON Lines records with ids (missing ids become the record's
    0-based position). A JSON Lines line that does not parse is passed on as it is, so the endpoint
-   answers it with an error record and every output line still matches its input line.
+   answers it with an error record and every output line still matches its input line. Lines end at
+   ``\n`` only (``client.lines``): a form feed, U+2028 or a lone ``\r`` inside a text or an id is
+   part of it, never a record boundary, here and when outputs are read back.
 2. ``stage_corpus`` writes those lines to S3 as part files ``<run>/parts/part-00000.jsonl`` … and a
    ``<run>/manifest.json`` that remembers the parts, their record counts and the job's settings.
 3. ``submit`` creates the transform job (SplitType Line, BatchStrategy MultiRecord, JSON Lines in and
@@ -44,7 +46,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import aws
-from .errors import BatchJobError, InvalidArgument, WaitTimeout
+from .errors import BatchJobError, InvalidArgument, ProtocolError, WaitTimeout
+from .lines import decode_lines, dumps_line, iter_lines
 from .wire import EMBEDDING_TYPES, MAX_DIMENSIONS, TASKS, decode_embedding, output_dtype
 
 JSONLINES = "application/jsonlines"
@@ -95,9 +98,10 @@ def corpus_lines(
     if not path.is_file():
         raise InvalidArgument(f"input file {str(path)!r} does not exist")
     kind = corpus_format(path, fmt)
-    with path.open(encoding="utf-8", newline="" if kind == "csv" else None) as handle:
+    # newline="\n": lines end at \n only (a lone \r stays in its text); the csv module does its own
+    with path.open(encoding="utf-8-sig", newline="" if kind == "csv" else "\n") as handle:
         if kind == "jsonl":
-            for position, line in enumerate(_lines(handle)):
+            for position, line in enumerate(iter_lines(handle)):
                 yield _jsonl_record(line, position)
         elif kind == "csv":
             reader = csv.DictReader(handle, dialect="excel-tab" if path.suffix.lower() == ".tsv" else "excel")
@@ -109,14 +113,8 @@ def corpus_lines(
                 record_id = row.get(id_column) if id_column in reader.fieldnames else None
                 yield _dumps({"text": row[text_column] or "", "id": position if record_id in (None, "") else record_id})
         else:
-            for position, line in enumerate(_lines(handle)):
+            for position, line in enumerate(iter_lines(handle)):
                 yield _dumps({"text": line, "id": position})
-
-
-def _lines(handle) -> Iterator[str]:
-    """Lines without their terminators; a final newline ends the last line, it adds none."""
-    for line in handle:
-        yield line.rstrip("\r\n")
 
 
 def _jsonl_record(line: str, position: int) -> str:
@@ -132,7 +130,7 @@ def _jsonl_record(line: str, position: int) -> str:
 
 
 def _dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return dumps_line(obj)
 
 
 # ---- 2. staging ---------------------------------------------------------------------------------
@@ -535,11 +533,17 @@ def parse_output_lines(lines: Sequence[str], embedding_type: str, first: int = 0
             record = {"error": {"message": f"output line is not an object: {line[:80]!r}", "type": "protocol_error"}}
         ids.append(record.get("id"))
         if "error" in record or "embedding" not in record:
-            error = record.get("error") or {"message": "record has neither embedding nor error"}
+            error = record.get("error")
+            if not isinstance(error, dict):
+                error = {"message": f"record has neither embedding nor error object: {line[:80]!r}"}
             errors.append(RecordError(position, record.get("id"), str(error.get("message")), error.get("type")))
             rows.append(None)
-        else:
+            continue
+        try:
             rows.append(decode_embedding(record["embedding"], embedding_type))
+        except ProtocolError as exc:  # NaN, a wrong type: an error of this record, not a silent row
+            errors.append(RecordError(position, record.get("id"), str(exc), "bad_response"))
+            rows.append(None)
     return ids, rows, errors
 
 
@@ -551,7 +555,10 @@ def _read_part_output(manifest: Manifest, part: Part, s3) -> list[str] | None:
         if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
             return None
         raise
-    return body.decode("utf-8").splitlines()
+    try:
+        return decode_lines(body, what=f"s3://{bucket}/{key}")
+    except ValueError as exc:
+        raise BatchJobError(str(exc)) from None
 
 
 def collect(manifest: Manifest, *, s3, progress: bool = False) -> BatchResult:
@@ -588,11 +595,14 @@ def assemble(rows, ids, errors, missing, embedding_type: str) -> BatchResult:
 
 
 def failed_parts(manifest: Manifest, *, s3) -> list[Part]:
-    """Parts whose ``.out`` is missing, has the wrong number of lines, or holds error records."""
+    """Parts whose ``.out`` is missing, has the wrong number of lines, or holds records that
+    ``collect`` reports as errors (error records, embeddings that do not decode)."""
     failed = []
     for part in manifest.parts:
         lines = _read_part_output(manifest, part, s3)
-        if lines is None or len(lines) != part.records or any(map(_is_error, lines)):
+        if lines is None or len(lines) != part.records:
+            failed.append(part)
+        elif parse_output_lines(lines, manifest.embedding_type, part.first)[2]:
             failed.append(part)
     return failed
 
@@ -688,16 +698,23 @@ def post_records(url: str, lines: Sequence[bytes], *, timeout: float = 600.0) ->
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            text = response.read().decode("utf-8")
+            raw = response.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode("utf-8", "replace")[:500]
         raise BatchJobError(f"the endpoint refused a {len(body):,}-byte mini-batch with {exc.code}: {detail}") from exc
     except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
         raise BatchJobError(f"cannot reach the endpoint at {url}: {exc}") from exc
-    out = text.splitlines()
+    out = _response_lines(raw)
     if len(out) != len(lines):
         raise BatchJobError(f"the endpoint answered {len(lines)} records with {len(out)} lines")
     return out
+
+
+def _response_lines(raw: bytes) -> list[str]:
+    try:
+        return decode_lines(raw, what="the endpoint's JSON Lines response")
+    except ValueError as exc:
+        raise BatchJobError(str(exc)) from None
 
 
 def transform_file(

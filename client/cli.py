@@ -23,6 +23,7 @@ import typer
 
 from . import aws, batch
 from .errors import ClientError, InvalidArgument
+from .lines import decode_lines, split_lines
 from .realtime import EmbeddingClient
 
 app = typer.Typer(
@@ -97,7 +98,13 @@ EmbeddingTypeOption = Annotated[
 def embed(
     texts: Annotated[list[str] | None, typer.Argument(help="Texts to embed (else --file, else stdin).")] = None,
     file: Annotated[
-        Path | None, typer.Option("--file", "-f", help="Read texts from a file, one per line ('-' for stdin).")
+        Path | None,
+        typer.Option(
+            "--file",
+            "-f",
+            help="Read texts from a UTF-8 file, one per line ('-' for stdin). Lines end at \\n only (\\r\\n too); "
+            "a form feed, U+2028 or a lone \\r stays inside its text.",
+        ),
     ] = None,
     endpoint: Annotated[
         str | None, typer.Option("--endpoint", "-e", envvar="JV3_ENDPOINT_NAME", help="SageMaker endpoint name.")
@@ -126,6 +133,20 @@ def embed(
     max_concurrency: Annotated[
         int, typer.Option("--concurrency", min=1, envvar="JV3_CONCURRENCY", help="Requests in flight at most.")
     ] = 4,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout", min=0.001, envvar="JV3_TIMEOUT",
+            help="Seconds per attempt of a request (connect and read; default 10 s and 70 s).",
+        ),
+    ] = None,
+    deadline: Annotated[
+        float | None,
+        typer.Option(
+            "--deadline", min=0.001, envvar="JV3_DEADLINE",
+            help="Seconds for the whole command's requests, retries included (default: no limit).",
+        ),
+    ] = None,
 ) -> None:
     """Embed texts with a real-time endpoint and print the vectors."""
     items = _read_texts(texts, file)
@@ -134,11 +155,11 @@ def embed(
     client = EmbeddingClient(
         endpoint or "local",
         region_name=region,
-        runtime_client=aws.runtime_client(
-            region_name=region, endpoint_url=endpoint_url, max_pool_connections=max_concurrency
-        ),
+        endpoint_url=endpoint_url,
         max_batch_size=max_batch_size,
         max_concurrency=max_concurrency,
+        timeout=timeout,
+        deadline=deadline,
     )
     vectors = client.embed(
         items,
@@ -159,13 +180,23 @@ def _read_texts(texts: list[str] | None, file: Path | None) -> list[str]:
     if file is not None and str(file) != "-":
         if not file.is_file():
             raise InvalidArgument(f"--file {str(file)!r} does not exist")
-        return file.read_text(encoding="utf-8").splitlines()
+        return _decode_texts(file.read_bytes(), f"--file {str(file)!r}")
     if file is None and sys.stdin.isatty():
         raise InvalidArgument("no texts: pass them as arguments, with --file, or on stdin")
-    lines = sys.stdin.read().splitlines()
+    stdin = getattr(sys.stdin, "buffer", None)
+    # the bytes, not the text stream: text mode would turn a lone \r into a line break
+    lines = _decode_texts(stdin.read(), "stdin") if stdin is not None else split_lines(sys.stdin.read())
     if not lines:
         raise InvalidArgument("no texts on stdin")
     return lines
+
+
+def _decode_texts(raw: bytes, where: str) -> list[str]:
+    """One text per line by the one line rule (``client.lines``); a leading byte order mark is dropped."""
+    try:
+        return decode_lines(raw.removeprefix(b"\xef\xbb\xbf"), what=where)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def _write_matrix(vectors: np.ndarray, output_format: OutputFormat, output: Path | None) -> None:

@@ -9,16 +9,27 @@
     │   ├── EndpointNotFound        no such endpoint (ValidationError from the runtime API)
     │   ├── ThrottledError          ThrottlingException: too many requests            (retried)
     │   ├── EndpointUnavailable     503 / ServiceUnavailable / connection failures     (retried)
-    │   │   └── ModelNotReady       ModelNotReadyException: the endpoint is starting   (retried)
+    │   │   ├── ModelNotReady       ModelNotReadyException: the endpoint is starting   (retried)
+    │   │   └── EndpointTimeout     no answer in time: the container's 503 "timeout", the runtime's
+    │   │                           "timed out", or the client's read timeout (also a TimeoutError;
+    │   │                           ``EmbeddingClient`` splits the request instead of re-sending it)
     │   ├── CapacityError           507 from the container: out of memory              (retried)
     │   ├── ServerError             500 from the container or the runtime: a bug on the serving side
     │   └── ProtocolError           a response that does not follow docs/wire-format.md
+    │       └── BadResponse         a response that parses but is wrong: count, index, size, NaN/Inf
+    ├── PartialFailure              some texts of one ``embed`` failed; carries the vectors of the
+    │                               others and the failed positions, so nothing is lost
+    ├── DeadlineExceeded            ``embed`` ran out of its ``deadline`` (also a TimeoutError)
     ├── AsyncInferenceError         an async invocation wrote a failure object
     ├── BatchJobError               a transform job failed or stopped, or its outputs are incomplete
     └── WaitTimeout                 polling gave up (also a TimeoutError)
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
 
 
 class ClientError(Exception):
@@ -81,6 +92,14 @@ class ModelNotReady(EndpointUnavailable):
     retryable = True
 
 
+class EndpointTimeout(EndpointUnavailable, TimeoutError):
+    """No answer in time: the container's 503 ``timeout`` error, the runtime's "timed out", or the
+    client's own read timeout. Sending the same payload again would most likely time out again, so
+    ``EmbeddingClient`` retries it split in halves (down to one text) instead."""
+
+    retryable = True
+
+
 class CapacityError(EndpointError):
     retryable = True
 
@@ -91,6 +110,52 @@ class ServerError(EndpointError):
 
 class ProtocolError(EndpointError):
     """The response does not follow the wire format (wrong count, missing fields, mixed sizes)."""
+
+
+class BadResponse(ProtocolError):
+    """A response the client refuses rather than return: not the JSON of docs/wire-format.md, or a
+    count of vectors other than the count of texts sent, an ``index`` that is not a permutation,
+    vectors of a size other than the one requested (or of mixed sizes), NaN or infinite values.
+    The message names what was wrong."""
+
+
+class PartialFailure(ClientError):
+    """Some texts of one ``embed`` call were embedded and others were not; nothing is thrown away.
+
+    ``vectors`` is the (n, d) result in input order; the rows at ``failed_indices`` (sorted input
+    positions) are NaN for float types and 0 for binary ones, and ``valid`` is False there.
+    ``error`` is the error of the first failed text; ``errors`` lists ``(start, stop, error)`` for
+    each failed run of positions. Embed ``[texts[i] for i in failed_indices]`` again to fill them.
+    """
+
+    def __init__(
+        self,
+        error: BaseException,
+        vectors,
+        failed_indices: Sequence[int],
+        errors: Sequence[tuple[int, int, BaseException]] = (),
+    ):
+        self.error = error
+        self.vectors = vectors
+        self.failed_indices = sorted(failed_indices)
+        self.errors = list(errors) or [(self.failed_indices[0], self.failed_indices[-1] + 1, error)]
+        n = len(vectors)
+        shown = ", ".join(map(str, self.failed_indices[:8])) + (", ..." if len(self.failed_indices) > 8 else "")
+        super().__init__(
+            f"{len(self.failed_indices)} of {n} texts failed (positions {shown}): {type(error).__name__}: {error}; "
+            "the other vectors are in .vectors, the failed positions in .failed_indices"
+        )
+
+    @property
+    def valid(self):
+        """Boolean mask over the input: True where ``vectors`` holds a real embedding."""
+        mask = np.ones(len(self.vectors), dtype=bool)
+        mask[self.failed_indices] = False
+        return mask
+
+
+class DeadlineExceeded(ClientError, TimeoutError):
+    """``embed`` did not finish within its ``deadline``; requests still in flight were abandoned."""
 
 
 class AsyncInferenceError(ClientError):
@@ -112,15 +177,19 @@ class WaitTimeout(ClientError, TimeoutError):
 
 __all__ = [
     "AsyncInferenceError",
+    "BadResponse",
     "BatchJobError",
     "CapacityError",
     "ClientError",
+    "DeadlineExceeded",
     "EndpointError",
     "EndpointNotFound",
+    "EndpointTimeout",
     "EndpointUnavailable",
     "InvalidArgument",
     "InvalidRequestError",
     "ModelNotReady",
+    "PartialFailure",
     "ProtocolError",
     "RequestTooLarge",
     "ServerError",

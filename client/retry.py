@@ -30,16 +30,32 @@ class RetryPolicy:
         """Seconds to wait after failed attempt number ``attempt`` (0-based)."""
         return self.random(0.0, min(self.max_delay, self.base_delay * 2**attempt))
 
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` until it succeeds, raises a non-retryable error, or attempts run out."""
+    def call(
+        self,
+        fn: Callable[[], T],
+        *,
+        retry_if: Callable[[EndpointError], bool] | None = None,
+        deadline: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> T:
+        """Run ``fn`` until it succeeds, raises an error not worth retrying, or attempts run out.
+
+        ``retry_if`` narrows which errors are retried (default: those whose class says
+        ``retryable``). With ``deadline`` (a ``clock()`` time), a retry whose backoff would end past
+        it is not made: the last error is raised at once.
+        """
         attempt = 0
         while True:
             try:
                 return fn()
             except EndpointError as exc:
-                if not exc.retryable or attempt + 1 >= self.max_attempts:
+                worth = exc.retryable if retry_if is None else retry_if(exc)
+                if not worth or attempt + 1 >= self.max_attempts:
                     raise
-                self.sleep(self.delay(attempt))
+                pause = self.delay(attempt)
+                if deadline is not None and clock() + pause >= deadline:
+                    raise
+                self.sleep(pause)
                 attempt += 1
 
 

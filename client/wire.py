@@ -7,6 +7,7 @@ Nothing here does I/O, so every rule of the contract is testable without an endp
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -15,14 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import (
+    BadResponse,
     CapacityError,
     EndpointError,
     EndpointNotFound,
+    EndpointTimeout,
     EndpointUnavailable,
     InvalidArgument,
     InvalidRequestError,
     ModelNotReady,
-    ProtocolError,
     RequestTooLarge,
     ServerError,
     ThrottledError,
@@ -179,47 +181,127 @@ def plan_requests(
     return ranges
 
 
+_INTEGER_RANGE = {"binary": (-128, 127), "ubinary": (0, 255)}
+
+
 def decode_embedding(value, embedding_type: str) -> np.ndarray:
-    """One ``embedding`` value of a response as an array: float32 for float and base64 (base64 is
-    only a compact transport for the same float32 numbers), int8 for binary, uint8 for ubinary."""
-    try:
-        if embedding_type == "base64":
-            if not isinstance(value, str):
-                raise TypeError(f"expected a base64 string, got {type(value).__name__}")
-            return np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4").astype(np.float32)
-        dtype = {"float": np.float32, "binary": np.int8, "ubinary": np.uint8}[embedding_type]
+    """One ``embedding`` value of a response as a 1-d array: float32 for float and base64 (base64 is
+    only a compact transport for the same float32 numbers), int8 for binary, uint8 for ubinary.
+
+    Refused with ``BadResponse`` rather than coerced: anything but a flat list of numbers (strings,
+    booleans, nulls, nested lists), an empty vector, NaN or infinity, base64 that is not whole
+    float32 values, and binary numbers that are not integers of the type's range.
+    """
+    if embedding_type == "base64":
+        if not isinstance(value, str):
+            raise BadResponse(f"a base64 embedding must be a string, got {type(value).__name__} {_short(value)}")
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise BadResponse(f"a base64 embedding does not decode: {exc}") from None
+        if len(raw) % 4:
+            raise BadResponse(f"a base64 embedding holds {len(raw)} bytes, not a whole number of float32 values")
+        array = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    else:
+        if embedding_type not in ("float", *_INTEGER_RANGE):
+            raise InvalidArgument(f"unknown embedding_type {embedding_type!r}; expected one of {', '.join(EMBEDDING_TYPES)}")
         if not isinstance(value, list):
-            raise TypeError(f"expected a list of numbers, got {type(value).__name__}")
-        return np.asarray(value, dtype=dtype)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ProtocolError(f"cannot decode a {embedding_type} embedding: {exc}") from None
+            raise BadResponse(f"a {embedding_type} embedding must be a list of numbers, got {type(value).__name__} {_short(value)}")
+        try:
+            numbers = np.asarray(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise BadResponse(f"a {embedding_type} embedding is not a flat list of numbers: {exc}") from None
+        if numbers.ndim != 1 or (numbers.size and numbers.dtype.kind not in "iuf"):
+            raise BadResponse(f"a {embedding_type} embedding is not a flat list of numbers: {_short(value)}")
+        if embedding_type == "float":
+            with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused below
+                array = numbers.astype(np.float32)
+        else:
+            low, high = _INTEGER_RANGE[embedding_type]
+            if numbers.size and numbers.dtype.kind == "f":
+                raise BadResponse(f"a {embedding_type} embedding must hold integers, got {_short(value)}")
+            if numbers.size and (numbers.min() < low or numbers.max() > high):
+                bad = numbers[(numbers < low) | (numbers > high)][0]
+                raise BadResponse(f"a {embedding_type} embedding holds {bad}, outside {low}..{high}")
+            array = numbers.astype(output_dtype(embedding_type))
+    if array.size == 0:
+        raise BadResponse(f"a {embedding_type} embedding is empty")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        at = int(np.flatnonzero(~np.isfinite(array))[0])
+        raise BadResponse(f"a {embedding_type} embedding holds {array[at]} at position {at}; vectors must be finite")
+    return array
 
 
-def parse_response(body: bytes, *, expected: int, embedding_type: str) -> np.ndarray:
-    """The ``(expected, d)`` matrix of a Jina-format response, rows in request order (by ``index``)."""
+def parse_response(
+    body: bytes, *, expected: int, embedding_type: str, dimensions: int | None = None
+) -> np.ndarray:
+    """The ``(expected, d)`` matrix of a Jina-format response, rows in request order.
+
+    Nothing wrong is returned: ``BadResponse`` (naming the fault) unless the response holds exactly
+    ``expected`` items; each carries an ``index`` and the indices are a permutation of
+    ``0..expected-1`` (rows are put in that order), or none does (rows stay in response order);
+    every embedding decodes (``decode_embedding``: finite, numbers of the right type) and has the
+    width ``dimensions`` asks for (``output_width``), or, without ``dimensions``, all the same width.
+    """
     try:
         payload = json.loads(body)
-        items = payload["data"]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ProtocolError(f"response is not a JSON object with a 'data' list: {exc}") from None
-    if not isinstance(items, list) or len(items) != expected:
-        got = len(items) if isinstance(items, list) else type(items).__name__
-        raise ProtocolError(f"asked for {expected} embeddings, response carries {got}")
-    rows: list[np.ndarray | None] = [None] * expected
+    except (ValueError, TypeError) as exc:
+        raise BadResponse(f"response is not a JSON object with a 'data' list: {exc}") from None
+    items = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(items, list):
+        raise BadResponse(f"response is not a JSON object with a 'data' list: {_short(payload)}")
+    if len(items) != expected:
+        raise BadResponse(f"asked for {expected} embeddings, response carries {len(items)}")
     for position, item in enumerate(items):
-        index = item.get("index", position) if isinstance(item, dict) else None
-        if not isinstance(index, int) or not 0 <= index < expected or rows[index] is not None:
-            raise ProtocolError(f"response item {position} has a missing, duplicate or out-of-range index {index!r}")
+        if not isinstance(item, dict):
+            raise BadResponse(f"response item {position} is {type(item).__name__} {_short(item)}, expected an object")
         if "embedding" not in item:
-            raise ProtocolError(f"response item {position} has no 'embedding'")
-        rows[index] = decode_embedding(item["embedding"], embedding_type)
+            raise BadResponse(f"response item {position} has no 'embedding'")
+    order = _response_order(items)
+    width = output_width(dimensions, embedding_type) or None
+    rows: list[np.ndarray] = [None] * expected  # type: ignore[list-item]
+    for position, item in enumerate(items):
+        try:
+            row = decode_embedding(item["embedding"], embedding_type)
+        except BadResponse as exc:
+            raise BadResponse(f"response item {position}: {exc.message}") from None
+        if width is not None and row.shape[0] != width:
+            raise BadResponse(
+                f"response item {position} has {row.shape[0]} {embedding_type} values; dimensions={dimensions} "
+                f"asks for {width}"
+            )
+        rows[order[position]] = row
     return stack_rows(rows)
+
+
+def _response_order(items: Sequence[dict]) -> list[int]:
+    """Where each response item goes: its ``index`` when every item has one, else its position."""
+    has_index = ["index" in item for item in items]
+    if not any(has_index):
+        return list(range(len(items)))
+    if not all(has_index):
+        missing = has_index.index(False)
+        raise BadResponse(f"response item {missing} has no 'index' while other items have one")
+    seen: dict[int, int] = {}
+    for position, item in enumerate(items):
+        index = item["index"]
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(items):
+            raise BadResponse(
+                f"response item {position} has index {_short(index)}; expected an integer from 0 to {len(items) - 1}"
+            )
+        if index in seen:
+            raise BadResponse(
+                f"response items {seen[index]} and {position} have the same index {index} (a duplicate): "
+                "the indices are not a permutation"
+            )
+        seen[index] = position
+    return [item["index"] for item in items]
 
 
 def stack_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
     widths = {row.shape for row in rows}
     if len(widths) > 1:
-        raise ProtocolError(f"embeddings of different shapes in one response: {sorted(widths)}")
+        raise BadResponse(f"embeddings of different shapes in one response: {sorted(widths)}")
     return np.stack(rows)
 
 
@@ -259,7 +341,10 @@ def error_from_botocore(exc) -> EndpointError:
         status = response.get("OriginalStatusCode")
         status = int(status) if status is not None else None
         message, error_type, field = parse_error_body(response.get("OriginalMessage", error.get("Message", "")))
-        if status is not None and 400 <= status < 500:
+        said = f"{message} {error.get('Message', '')}".lower()
+        if error_type == "timeout" or (status in (None, 0, 503, 504) and "timed out" in said):
+            cls = EndpointTimeout  # the container's 503 timeout, or the runtime's "invocation timed out"
+        elif status is not None and 400 <= status < 500:
             cls = InvalidRequestError
         else:
             cls = _BY_STATUS.get(status, ServerError)

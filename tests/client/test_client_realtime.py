@@ -19,6 +19,7 @@ from client import (
     InvalidArgument,
     InvalidRequestError,
     ModelNotReady,
+    PartialFailure,
     RequestTooLarge,
     ServerError,
     ThrottledError,
@@ -242,11 +243,18 @@ def test_large_inputs_are_split_sent_concurrently_and_reassembled_in_order():
     assert len(fake.sizes) == -(-1000 // 37)
 
 
-def test_an_error_in_one_request_fails_the_call_with_the_typed_error():
+def test_an_error_in_one_request_keeps_the_others_and_names_the_failed_texts():
     fake = FakeRuntime(fail_on="t-500")
-    c = EmbeddingClient("jv3", runtime_client=fake, max_batch_size=10, max_concurrency=4)
-    with pytest.raises(InvalidRequestError, match="bad text"):
+    c = EmbeddingClient("jv3", runtime_client=fake, max_batch_size=10, max_concurrency=4, progress=False)
+    with pytest.raises(PartialFailure, match="10 of 1000 texts failed") as info:
         c.embed([f"t-{i}" for i in range(1000)], dimensions=2)
+    failure = info.value
+    assert isinstance(failure.error, InvalidRequestError) and "bad text" in str(failure.error)
+    assert failure.failed_indices == list(range(500, 510))
+    assert len(fake.sizes) == 100  # the other 99 requests were all sent, once each (a 400 is not retried)
+    kept = failure.valid
+    np.testing.assert_array_equal(failure.vectors[kept, 0], np.flatnonzero(kept).astype(np.float32))
+    assert np.isnan(failure.vectors[~kept]).all()
 
 
 def test_progress_bar_is_off_for_small_inputs_and_on_for_large(capsys):
