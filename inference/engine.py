@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from .checkpoint import load_checkpoint
-from .errors import CapacityError, CheckpointError, InvalidRequest, JV3Error, ModelError
+from .errors import CapacityError, CheckpointError, InvalidRequest, JV3Error, ModelError, SettingsError
 from .model import TaskModel
 from .request import EmbedRequest, EmbedResult
-from .settings import Settings
+from .settings import Settings, check_against
 
 log = logging.getLogger("jv3.engine")
 
@@ -76,20 +76,17 @@ class Engine:
         self.max_seq_length = min(settings.max_seq_length, int(model.config.max_position_embeddings) - 2)
         kind = "cuda" if model.device.type == "cuda" else "cpu"
         self.max_batch_tokens = max(settings.max_batch_tokens or DEFAULT_BATCH_TOKENS[kind], self.max_seq_length)
-        if settings.default_dimensions is not None and settings.default_dimensions > self.hidden_size:
-            raise InvalidRequest(f"JV3_DEFAULT_DIMENSIONS={settings.default_dimensions} exceeds the model's {self.hidden_size}")
-        if settings.default_task not in tasks:
-            raise InvalidRequest(f"JV3_DEFAULT_TASK={settings.default_task!r} is not among the loaded tasks {', '.join(tasks)}")
+        check_against(settings, hidden_size=self.hidden_size, tasks=tasks)
 
     # -----------------------------------------------------------------------------------------
     # Loading
 
     @classmethod
-    def load(cls, model_dir, settings: Settings | None = None) -> Engine:
-        """Load a checkpoint directory (either published layout) onto the configured device."""
+    def load(cls, model_dir, settings: Settings | None = None, *, device: str | None = None) -> Engine:
+        """Load a checkpoint directory (either published layout) onto ``device`` (default: ``JV3_DEVICE``)."""
         settings = settings or Settings.resolve()
         started = time.perf_counter()
-        device = _device(settings.device)
+        device = _device(device or settings.device)
         dtype = _dtype(settings.dtype, device)
         model_dir = Path(model_dir)
         if not (model_dir / "tokenizer.json").is_file():
@@ -99,9 +96,7 @@ class Engine:
         tokenizer.no_truncation()
         # Read straight onto the GPU when there is one: merging adapters there takes a fraction of a second.
         ckpt = load_checkpoint(model_dir, device=str(device) if device.type == "cuda" else "cpu")
-        missing = [t for t in settings.tasks if t not in ckpt.tasks]
-        if missing:
-            raise CheckpointError(f"task(s) {', '.join(missing)} requested by JV3_TASKS are not in the checkpoint, which has {', '.join(ckpt.tasks) or 'no adapters'}")
+        check_against(settings, hidden_size=int(ckpt.config["hidden_size"]), tasks=ckpt.tasks)
         model = TaskModel(ckpt, device=device, dtype=dtype, tasks=settings.tasks)
         del ckpt
         engine = cls(model, tokenizer, settings=settings, instructions=_instructions(model_dir, settings.tasks), tasks=settings.tasks)
@@ -286,12 +281,34 @@ class Engine:
         )
 
 
+def serving_devices(setting: str, *, gpu_id: int | None = None) -> list[str]:
+    """The devices to load one engine on each, from ``JV3_DEVICE``.
+
+    ``auto``: the GPU TorchServe gave this worker (``gpu_id``, on the DLC), else every visible GPU (the
+    BYOC server runs one engine per GPU), else the CPU. A comma-separated list names the devices
+    (``cuda:0,cuda:1``; ``cpu,cpu`` runs two engines on the CPU).
+    """
+    names = [n.strip() for n in setting.split(",") if n.strip()]
+    if names != ["auto"]:
+        for name in names:
+            _device(name)  # refuse a bad name now, by name
+        return names or ["cpu"]
+    if not torch.cuda.is_available():
+        return ["cpu"]
+    if gpu_id is not None:
+        return [f"cuda:{gpu_id}"]
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SettingsError(f"JV3_DEVICE={name!r} is not a device; expected auto, cpu, cuda, cuda:N or a comma-separated list") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"JV3_DEVICE={name!r} but no CUDA device is visible")
+        raise SettingsError(f"JV3_DEVICE={name!r} but no CUDA device is visible")
     return device
 
 

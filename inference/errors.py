@@ -6,6 +6,7 @@
     │   ├── UnsupportedMediaType  415
     │   └── NotAcceptable         406
     ├── CheckpointError           500  a model directory that cannot be served (raised at load)
+    ├── SettingsError             500  a JV3_* setting the deployment got wrong (raised at start-up, never per request)
     ├── ModelError                500  ours: a bug or a broken device
     ├── CapacityError             507/503  out of memory even after splitting the batch
     └── RequestTimeout            503  not answered within JV3_REQUEST_TIMEOUT_S (local/BYOC server)
@@ -53,6 +54,13 @@ class NotAcceptable(InvalidRequest):
 class CheckpointError(JV3Error):
     status = 500
     kind = "checkpoint_error"
+
+
+class SettingsError(JV3Error):
+    """The operator's mistake, found when the endpoint starts (or the archive is built): never a 4xx."""
+
+    status = 500
+    kind = "settings_error"
 
 
 class ModelError(JV3Error):

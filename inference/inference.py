@@ -24,6 +24,7 @@ from http import HTTPStatus
 from .errors import JV3Error, ModelError
 from .protocol import JSON, Invocation, error_body, negotiate, parse_request, write_response
 from .settings import TASKS, Settings
+from .torchserve import stop_model_server, worker_gpu
 
 log = logging.getLogger("jv3.handler")
 
@@ -38,11 +39,18 @@ class _Failed:
 
 
 def model_fn(model_dir: str, context=None):
-    from .engine import Engine
+    """Load the engine onto this worker's device; under TorchServe a failure stops the server (torchserve.py)."""
+    try:
+        from .engine import Engine, serving_devices
 
-    engine = Engine.load(model_dir, settings=Settings.resolve())
+        settings = Settings.resolve()
+        device = serving_devices(settings.device, gpu_id=worker_gpu(context))[0]
+        engine = Engine.load(model_dir, settings=settings, device=device)
+    except BaseException as exc:
+        stop_model_server(exc)
+        raise
     _loaded["engine"] = engine
-    log.info("loaded %s from %s: hidden %d, tasks %s", engine.model_name, model_dir, engine.hidden_size, engine.tasks)
+    log.info("loaded %s from %s on %s: hidden %d, tasks %s", engine.model_name, model_dir, device, engine.hidden_size, engine.tasks)
     return engine
 
 

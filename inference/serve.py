@@ -8,9 +8,14 @@ SageMaker runtime API's own ``POST /endpoints/{name}/invocations`` so that plain
 ``sagemaker-runtime`` with ``endpoint_url=http://127.0.0.1:N`` works, its errors included (a container
 4xx/5xx reaches boto3 as ``ModelError``, HTTP 424, as on AWS).
 
-Handler threads parse and serialise; one batcher thread owns the model: it takes the first waiting
-request, gathers others for up to ``JV3_BATCH_WAIT_MS`` (or until a token budget is full) and embeds
-them all with one ``engine.embed_many`` call, so concurrent callers share forward passes.
+Handler threads parse and serialise; one batcher thread per engine (one engine per GPU, from
+``JV3_DEVICE``) takes the first waiting request from the shared queue, gathers others for up to
+``JV3_BATCH_WAIT_MS`` (or until its token budget is full) and embeds them all with one
+``engine.embed_many`` call, so concurrent callers share forward passes and every GPU stays busy.
+
+Health tells the truth: the port is bound at once, but ``/ping`` answers 503 until every engine is
+loaded, and a model that cannot load ends the process with status 1 (SageMaker then fails the
+deployment with the reason in the log, instead of an InService endpoint that times out every call).
 """
 
 from __future__ import annotations
@@ -40,24 +45,18 @@ DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) an oversized body up to this s
 
 
 class Batcher:
-    """One thread that owns the engine and embeds waiting requests together."""
+    """One thread that owns one engine and embeds requests from the shared queue together."""
 
-    def __init__(self, engine, *, wait_ms: float, max_tokens: int):
+    def __init__(self, engine, jobs: queue.Queue, *, wait_ms: float, name: str = "jv3-batcher"):
         self.engine = engine
         self.wait_s = max(wait_ms, 0) / 1000
-        self.max_tokens = max_tokens
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="jv3-batcher", daemon=True)
+        self.max_tokens = engine.max_batch_tokens  # the engine's budget: one default, in the engine
+        self._queue = jobs
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, requests: list[EmbedRequest]) -> _Job:
-        job = _Job(requests)
-        self._queue.put(job)
-        return job
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout=timeout)
 
     def _run(self) -> None:
         while True:
@@ -78,10 +77,12 @@ class Batcher:
                 tokens += nxt.tokens
             self._embed([j for j in jobs if not j.abandoned])
             if stop:
+                self._queue.put(None)  # the next batcher stops too
                 return
 
     def _embed(self, jobs: list[_Job]) -> None:
         flat = [r for job in jobs for r in job.requests]
+        log.debug("%s embedded %d request(s) of %d caller(s)", self._thread.name, len(flat), len(jobs))
         if flat:
             try:
                 results = self.engine.embed_many(flat)
@@ -114,17 +115,42 @@ class EndpointServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, engine, settings: Settings | None = None):
-        self.engine = engine
-        self.settings = settings or engine.settings
-        self.batcher = Batcher(
-            engine, wait_ms=self.settings.batch_wait_ms, max_tokens=self.settings.max_batch_tokens or 16384
-        )
+    def __init__(self, address, engines=None, settings: Settings | None = None):
+        engines = [engines] if engines is not None and not isinstance(engines, (list, tuple)) else engines
+        self.settings = settings or (engines[0].settings if engines else Settings.resolve())
+        self.engines: list = []
+        self.batchers: list[Batcher] = []
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.ready = threading.Event()
         super().__init__(address, Handler)
+        if engines:
+            self.start(engines)
+
+    @property
+    def engine(self):
+        """The first engine: what parsing validates against (all engines serve one checkpoint)."""
+        return self.engines[0]
+
+    def start(self, engines: list) -> None:
+        """Serve with these engines: one batcher each, all taking from one queue; /ping turns 200."""
+        self.engines = list(engines)
+        self.batchers = [
+            Batcher(e, self._jobs, wait_ms=self.settings.batch_wait_ms, name=f"jv3-batcher-{i}")
+            for i, e in enumerate(self.engines)
+        ]
+        self.ready.set()
+
+    def submit(self, requests: list[EmbedRequest]) -> _Job:
+        job = _Job(requests)
+        self._jobs.put(job)
+        return job
 
     def server_close(self) -> None:
         super().server_close()
-        self.batcher.close()
+        if self.batchers:
+            self._jobs.put(None)  # each batcher passes it on before it stops
+            for batcher in self.batchers:
+                batcher.join(timeout=30)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -138,7 +164,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/ping":
-            self._send(200, b'{"status":"healthy"}', JSON)
+            if self.server.ready.is_set():
+                self._send(200, b'{"status":"healthy"}', JSON)
+            else:
+                self._send(503, b'{"status":"loading"}', JSON)
         elif path == "/execution-parameters":
             body = {
                 "MaxConcurrentTransforms": 4,
@@ -156,7 +185,11 @@ class Handler(BaseHTTPRequestHandler):
             self._drain_body()
             self._error(_NotFound(f"no route POST {path}; try POST /invocations"))
             return
-        status, body, content_type = self._invoke()
+        if not self.server.ready.is_set():
+            self._drain_body()
+            status, body, content_type = 503, error_body(_Loading("the model is still loading; retry shortly")), JSON
+        else:
+            status, body, content_type = self._invoke()
         if runtime and status >= 400:
             status, body, content_type = _as_model_error(status, body, runtime.group(1))
             self._send(status, body, content_type, {"x-amzn-ErrorType": "ModelError"})
@@ -181,7 +214,7 @@ class Handler(BaseHTTPRequestHandler):
                 body, self.headers.get("Content-Type"), hidden_size=engine.hidden_size, tasks=engine.tasks
             )
             accept = negotiate(self.headers.get("Accept"), invocation)  # 406 before any compute
-            job = self.server.batcher.submit(invocation.pending())
+            job = self.server.submit(invocation.pending())
             if not job.done.wait(max(settings.request_timeout_s - (time.monotonic() - started), 0)):
                 job.abandoned = True
                 raise RequestTimeout(f"no answer within {settings.request_timeout_s:g} s (JV3_REQUEST_TIMEOUT_S)")
@@ -264,6 +297,10 @@ class _MethodNotAllowed(JV3Error):
     status, kind = 405, "method_not_allowed"
 
 
+class _Loading(JV3Error):
+    status, kind = 503, "loading"
+
+
 class _LengthRequired(InvalidRequest):
     status, kind = 411, "length_required"
 
@@ -287,9 +324,27 @@ def _as_model_error(status: int, body: bytes, endpoint: str) -> tuple[int, bytes
     return HTTPStatus.FAILED_DEPENDENCY.value, json.dumps(wrapped).encode(), "application/json"
 
 
-def make_server(engine, host: str = "127.0.0.1", port: int = 8080, settings: Settings | None = None) -> EndpointServer:
-    """A ready server (not yet serving): call ``serve_forever()``, and ``shutdown()``/``server_close()``."""
-    return EndpointServer((host, port), engine, settings)
+def make_server(engines=None, host: str = "127.0.0.1", port: int = 8080, settings: Settings | None = None) -> EndpointServer:
+    """A bound server (not yet serving): call ``serve_forever()``, and ``shutdown()``/``server_close()``.
+
+    ``engines``: an engine or a list of them (ready at once); None: call ``start(engines)`` once loaded.
+    """
+    return EndpointServer((host, port), engines, settings)
+
+
+def load_engines(model_dir: str, settings: Settings) -> list:
+    """One engine per device of ``JV3_DEVICE`` (auto: one per visible GPU), loaded one after another."""
+    import os
+
+    import torch
+
+    from .engine import Engine, serving_devices  # imported here so the protocol and server load without torch
+
+    devices = serving_devices(settings.device)
+    on_cpu = sum(1 for d in devices if d.startswith("cpu"))
+    if on_cpu > 1:  # engines on the CPU share its cores: one OpenMP team each, not N teams fighting for all
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // on_cpu))
+    return [Engine.load(model_dir, settings=settings, device=d) for d in devices]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,32 +359,44 @@ def main(argv: list[str] | None = None) -> int:
     host = args.host or ("0.0.0.0" if in_container else "127.0.0.1")
     port = 8080 if args.port is None else args.port
 
-    settings = Settings.resolve()
+    try:
+        settings = Settings.resolve()
+    except JV3Error as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return 1
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("jv3").addHandler(handler)
     logging.getLogger("jv3").setLevel(settings.log_level)
 
-    from .engine import Engine  # imported here so the protocol and server load without torch
-
-    try:
-        engine = Engine.load(model_dir, settings=settings)
-    except JV3Error as err:
-        print(f"error: cannot load {model_dir}: {err.message}", file=sys.stderr)
-        return 1
-    server = make_server(engine, host, port, settings)
+    server = make_server(None, host, port, settings)  # bound now, /ping says 503 until the engines load
     bound_host, bound_port = server.server_address[:2]
     print(f"jv3 endpoint listening on http://{bound_host}:{bound_port}", flush=True)
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            server.start(load_engines(model_dir, settings))
+            log.info("ready: %d engine(s) on %s", len(server.engines), ", ".join(str(e.model.device) for e in server.engines))
+        except BaseException as exc:  # noqa: BLE001 - any load failure must end the process, not leave it "up"
+            failure.append(exc)
+            threading.Thread(target=server.shutdown, daemon=True).start()
 
     def stop(signum, frame):  # SIGTERM from docker stop / the quickstart: finish in-flight requests
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    threading.Thread(target=load, name="jv3-load", daemon=True).start()
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+    if failure:
+        err = failure[0]
+        print(f"error: cannot load {model_dir}: {getattr(err, 'message', None) or f'{type(err).__name__}: {err}'}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -1,7 +1,9 @@
 """Every runtime setting of the endpoint, resolved argument → environment variable → default.
 
 Read at call time (not import time), so a test or a server can set the environment and build a new
-``Settings``. The CDK stacks set the same variable names on the SageMaker Model; README.md lists them.
+``Settings``. This table holds the one default of each setting: the CDK stacks set a variable only
+when the operator chose a value, and README.md lists them. A bad value is a ``SettingsError``, raised
+when the endpoint starts (and when the archive is built, ``check_against``): never a 400 to a caller.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from .errors import InvalidRequest
+from .errors import SettingsError
 
 TASKS = ("retrieval.query", "retrieval.passage", "separation", "classification", "text-matching")
 ENCODINGS = ("float", "base64", "binary", "ubinary")
@@ -69,18 +71,18 @@ class Settings:
             late_chunking_overlap=_int(raw["late_chunking_overlap"], "JV3_LATE_CHUNKING_OVERLAP", minimum=0),
             device=str(raw["device"]),
             dtype=_choice(raw["dtype"], ("auto", "bfloat16", "float16", "float32"), "JV3_DTYPE"),
-            batch_wait_ms=float(raw["batch_wait_ms"]),
+            batch_wait_ms=_float(raw["batch_wait_ms"], "JV3_BATCH_WAIT_MS", minimum=0),
             max_request_bytes=_int(raw["max_request_bytes"], "JV3_MAX_REQUEST_BYTES"),
-            request_timeout_s=float(raw["request_timeout_s"]),
+            request_timeout_s=_float(raw["request_timeout_s"], "JV3_REQUEST_TIMEOUT_S", minimum=0.001),
             log_level=str(raw["log_level"]).upper(),
         )
 
 
 def _choice(value, choices, name):
     if isinstance(value, (tuple, list)):
-        raise InvalidRequest(f"{name} must be one value, got {value!r}")
+        raise SettingsError(f"{name} must be one value, got {value!r}")
     if value not in choices:
-        raise InvalidRequest(f"{name}={value!r} is not valid; expected one of {', '.join(choices)}")
+        raise SettingsError(f"{name}={value!r} is not valid; expected one of {', '.join(choices)}")
     return value
 
 
@@ -88,9 +90,19 @@ def _int(value, name, minimum=1):
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise InvalidRequest(f"{name}={value!r} is not an integer") from None
+        raise SettingsError(f"{name}={value!r} is not an integer") from None
     if number < minimum:
-        raise InvalidRequest(f"{name}={number} must be at least {minimum}")
+        raise SettingsError(f"{name}={number} must be at least {minimum}")
+    return number
+
+
+def _float(value, name, minimum):
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name}={value!r} is not a number") from None
+    if not number >= minimum:  # also refuses NaN
+        raise SettingsError(f"{name}={value!r} must be at least {minimum:g}")
     return number
 
 
@@ -105,5 +117,25 @@ def _tasks(value) -> tuple[str, ...]:
     for name in names:
         _choice(name, TASKS, "JV3_TASKS")
     if not names:
-        raise InvalidRequest("JV3_TASKS names no task; expected some of " + ", ".join(TASKS))
+        raise SettingsError("JV3_TASKS names no task; expected some of " + ", ".join(TASKS))
     return tuple(names)
+
+
+def check_against(settings: Settings, *, hidden_size: int, tasks: tuple[str, ...] | list[str]) -> None:
+    """Refuse settings this checkpoint cannot serve (the endpoint would fail every request or not start).
+
+    Called when the engine loads and when model_package builds the archive; infra repeats the same two
+    checks at ``cdk synth`` from the archive's manifest.json.
+    """
+    problems = []
+    if settings.default_dimensions is not None and settings.default_dimensions > hidden_size:
+        problems.append(f"JV3_DEFAULT_DIMENSIONS={settings.default_dimensions} exceeds the model's {hidden_size} dimensions")
+    missing = [t for t in settings.tasks if t not in tasks]
+    if missing:
+        problems.append(
+            f"JV3_TASKS names {', '.join(missing)}, which the checkpoint lacks (it has {', '.join(tasks) or 'no adapters'})"
+        )
+    elif settings.default_task not in settings.tasks:
+        problems.append(f"JV3_DEFAULT_TASK={settings.default_task!r} is not among JV3_TASKS ({', '.join(settings.tasks)})")
+    if problems:
+        raise SettingsError("; ".join(problems))
