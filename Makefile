@@ -13,11 +13,11 @@ PYTEST_ARGS ?=
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-10s\033[0m %s\n",$$1,$$2}'
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml inference/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then $(VENV)/bin/pip install -q "$(TORCH_SPEC)"; fi
-	$(VENV)/bin/pip install -q -e ".[engine,infra,dev]"
+	$(VENV)/bin/pip install -q -e ".[engine,infra,dev]" -c inference/requirements.txt
 	touch $@
 
 setup: $(VENV)/.installed ## Create .venv with everything (engine, client, infra, dev tools)

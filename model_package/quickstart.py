@@ -2,9 +2,11 @@
 
     python -m model_package.quickstart [--checkpoint fixtures/jina-v3-tiny]
 
-1. ``python -m model_package --no-vendor`` builds model.tar.gz from the checkpoint;
+1. ``python -m model_package`` builds model.tar.gz from the checkpoint, exactly as for AWS (its
+   dependencies installed into code/lib for the DLC's Python; downloaded once, then cached);
 2. the archive is unpacked into a temp dir and served from there with only its ``code/`` on the
-   path (``python -m jv3_inference.serve``), which proves code/ works alone;
+   path (``python -m jv3_inference.serve``; this machine's packages stand in for code/lib, which
+   is built for the DLC's Python), which proves code/ works alone;
 3. multilingual sample texts are embedded with each task through plain boto3 ``sagemaker-runtime``
    pointed at the local endpoint, and a similarity table is printed; then the server is stopped.
 
@@ -25,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.settings import TASKS
+
 from .build import CODE_PACKAGE, PackageError, build_package
 
-TASKS = ("retrieval.query", "retrieval.passage", "separation", "classification", "text-matching")
 SAMPLES = [
     ("en", "The cat sleeps on the sofa."),
     ("de", "Die Katze schläft auf dem Sofa."),
@@ -45,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="jv3-quickstart-") as tmp:
         tmp = Path(tmp)
-        print(f"1. packaging {args.checkpoint} (--no-vendor) …", flush=True)
+        print(f"1. packaging {args.checkpoint} …", flush=True)
         try:
-            archive = build_package(args.checkpoint, tmp / "model.tar.gz", vendor=False)
+            archive = build_package(args.checkpoint, tmp / "model.tar.gz")
         except PackageError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -68,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("error: the endpoint did not start (see its log above)", file=sys.stderr)
                 return 1
             url = line.strip().rsplit(" ", 1)[1]
+            if not _wait_ready(url, server):
+                print("error: the endpoint did not become ready (see its log above)", file=sys.stderr)
+                return 1
             print(f"   {url}")
             _demo(url)
         finally:
@@ -82,6 +88,24 @@ def main(argv: list[str] | None = None) -> int:
             "    CHECKPOINT=~/jv3 make run"
         )
     return 0
+
+
+def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -> bool:
+    """Poll /ping: the server binds at once and answers 503 until the model is loaded."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    return False
 
 
 def _demo(url: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 from moto import mock_aws
 
 from model_package import PackageError, build_package
-from model_package.build import vendor_wheels
+from model_package.build import install_lib
 from model_package.upload import upload
 
 from .conftest import REPO, TINY
@@ -43,47 +43,139 @@ for case in golden["outputs"]:
     ref = np.array(case["embeddings"])
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     worst = min(worst, float(cos.min()))
-print(json.dumps({"worst_cosine": worst, "module": inference.__file__}))
+import transformers
+print(json.dumps({"worst_cosine": worst, "module": inference.__file__, "transformers": transformers.__file__}))
 """
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pkg") / "model.tar.gz"
+THIS_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
+DLC_PROVIDES = {"torch", "numpy"}  # what the PyTorch DLC ships, left out of code/lib
+
+
+def _package(out: Path, *extra: str) -> Path:
+    """The documented command, as a user types it (plus ``extra``)."""
     done = subprocess.run(
-        [sys.executable, "-m", "model_package", "--checkpoint", str(TINY), "--output", str(out), "--no-vendor"],
-        cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "model_package", "--checkpoint", str(TINY), "--output", str(out), *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
-@pytest.fixture(scope="module")
-def unpacked(archive, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("unpacked")
+def _unpack(archive: Path, root: Path) -> Path:
     with tarfile.open(archive) as tar:
         tar.extractall(root, filter="data")
     return root
 
 
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    """``python -m model_package --checkpoint fixtures/jina-v3-tiny --output model.tar.gz``: defaults, real wheels."""
+    return _package(tmp_path_factory.mktemp("pkg") / "model.tar.gz")
+
+
+@pytest.fixture(scope="module")
+def unpacked(archive, tmp_path_factory) -> Path:
+    return _unpack(archive, tmp_path_factory.mktemp("unpacked"))
+
+
 def test_archive_layout_and_manifest(archive, unpacked):
     assert [p.name for p in archive.parent.iterdir()] == ["model.tar.gz"]  # no temp file or stage left
     for name in ("config.json", "tokenizer.json", "model.safetensors", "code/inference.py",
-                 "code/jv3_inference/engine.py", "code/jv3_inference/protocol.py", "code/requirements.txt"):  # fmt: skip
+                 "code/jv3_inference/engine.py", "code/jv3_inference/protocol.py",
+                 "code/jv3_inference/sagemaker_service.py", "code/lib/transformers/__init__.py",
+                 "code/lib/tokenizers/__init__.py", "code/lib/safetensors/__init__.py"):  # fmt: skip
         assert (unpacked / name).is_file(), name
+    # nothing for the toolkit to pip-install at start-up (no network, no seconds spent), no stray scripts
+    assert not (unpacked / "code/requirements.txt").exists() and not (unpacked / "code/lib/bin").exists()
     manifest = json.loads((unpacked / "manifest.json").read_text())
     assert manifest["checkpoint"]["layout"] == "released" and manifest["checkpoint"]["hidden_size"] == 64
     assert manifest["built_with"]["transformers"] and manifest["entry_point"] == "code/inference.py"
+    assert manifest["vendored"]["path"] == "code/lib" and manifest["vendored"]["python"] == "3.12"
+    if manifest["bytecode"] == "3.12":  # a Python 3.12 was at hand: code/lib ships its bytecode
+        assert list((unpacked / "code/lib/transformers").glob("__pycache__/__init__.cpython-312.pyc"))
     for rel, entry in manifest["files"].items():
         assert hashlib.sha256((unpacked / rel).read_bytes()).hexdigest() == entry["sha256"], rel
     on_disk = {p.relative_to(unpacked).as_posix() for p in unpacked.rglob("*") if p.is_file()}
     assert on_disk - set(manifest["files"]) == {"manifest.json"}
-    assert (unpacked / "code/requirements.txt").read_text().splitlines()[0].startswith("transformers==")
 
 
-def test_code_folder_alone_serves_golden_vectors(unpacked, tmp_path):
-    """GIVEN the unpacked archive WHEN python imports `inference` with only code/ on sys.path (as the
-    SageMaker toolkit does) THEN the four functions reproduce the reference vectors."""
+def _distributions(lib: Path) -> dict[str, tuple[str, list[str]]]:
+    """name → (version, Requires-Dist lines) of every distribution installed in ``lib``."""
+    from email.parser import Parser
+
+    from packaging.utils import canonicalize_name
+
+    found = {}
+    for info in lib.glob("*.dist-info"):
+        meta = Parser().parsestr((info / "METADATA").read_text())
+        found[canonicalize_name(meta["Name"])] = (meta["Version"], meta.get_all("Requires-Dist") or [])
+    return found
+
+
+def test_lib_holds_exactly_the_pins_and_their_whole_closure(unpacked):
+    """code/lib is the pinned list, no more and no less, and nothing in it needs what is neither there
+    nor in the DLC (markers evaluated for the DLC: CPython 3.12 on x86_64 Linux)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    from model_package.build import pinned_requirements
+
+    lib = _distributions(unpacked / "code/lib")
+    pins = {canonicalize_name(r.split("==")[0]): r.split("==")[1] for r in pinned_requirements()}
+    assert {name: version for name, (version, _) in lib.items()} == pins
+    dlc = {"python_version": "3.12", "python_full_version": "3.12.8", "sys_platform": "linux",
+           "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+           "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}  # fmt: skip
+    unmet = []
+    for name, (_, requires) in lib.items():
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is not None and not req.marker.evaluate(dlc):
+                continue
+            dep = canonicalize_name(req.name)
+            if dep in DLC_PROVIDES:
+                continue
+            if dep not in lib or not req.specifier.contains(lib[dep][0], prereleases=True):
+                unmet.append(f"{name} needs {line}")
+    assert unmet == []
+
+
+def test_one_list_of_pins(unpacked):
+    """inference/requirements.txt is the one list: pyproject's engine extra, the Dockerfile and make setup agree."""
+    import tomllib
+
+    from model_package.build import pinned_requirements
+
+    pins = set(pinned_requirements())
+    engine = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["engine"]
+    exact = {r for r in engine if "==" in r}
+    assert exact and exact <= pins, exact - pins
+    assert any(r.startswith("torch>=2.6") for r in engine)  # the DLC's torch is the oldest the engine runs on
+    assert "inference/requirements.txt" in (REPO / "Dockerfile").read_text()
+    assert "-c inference/requirements.txt" in (REPO / "Makefile").read_text()
+    from importlib.metadata import version
+
+    for pin in exact:  # and the suite runs exactly them
+        name, wanted = pin.split("==")
+        assert version(name) == wanted, f"the test environment has {name} {version(name)}, the pin says {wanted}"
+
+
+def test_every_manylinux_tag_of_the_dlc_is_accepted():
+    from model_package.build import DEFAULT_PLATFORMS, manylinux_platforms
+
+    assert DEFAULT_PLATFORMS == manylinux_platforms((2, 35))
+    for tag in ("manylinux_2_35_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+                "manylinux2010_x86_64", "manylinux1_x86_64"):  # fmt: skip
+        assert tag in DEFAULT_PLATFORMS
+    assert "manylinux_2_36_x86_64" not in DEFAULT_PLATFORMS
+
+
+def test_code_folder_alone_serves_golden_vectors(tmp_path):
+    """GIVEN an archive built for this machine's Python WHEN python imports `inference` with only code/
+    on sys.path (as the SageMaker toolkit does) THEN transformers comes from code/lib and the four
+    functions reproduce the reference vectors."""
+    unpacked = _unpack(_package(tmp_path / "m.tar.gz", "--python-version", THIS_PYTHON), tmp_path / "un")
     script = tmp_path / "check.py"
     script.write_text(CODE_ONLY)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"JV3_DEVICE": "cpu", "JV3_DTYPE": "float32"}
@@ -92,7 +184,30 @@ def test_code_folder_alone_serves_golden_vectors(unpacked, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["module"] == str(unpacked / "code" / "inference.py")
+    assert result["transformers"].startswith(str(unpacked / "code" / "lib"))
+    assert json.loads((unpacked / "manifest.json").read_text())["bytecode"] == THIS_PYTHON
+    assert list((unpacked / "code/lib/transformers/__pycache__").glob("*.pyc"))
     assert result["worst_cosine"] >= 0.99999
+
+
+def test_archive_for_another_python_says_so(unpacked, tmp_path):
+    """code/lib holds CPython 3.12 wheels: on any other Python the entry module refuses by name."""
+    if THIS_PYTHON == "3.12":
+        pytest.skip("this machine runs the DLC's Python")
+    done = subprocess.run([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); import inference",
+                           str(unpacked / "code")], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1
+    assert f"built for Python 3.12 but the container runs {THIS_PYTHON}" in done.stderr
+    assert f"--python-version {THIS_PYTHON}" in done.stderr
+
+
+def test_no_vendor_writes_the_pins_for_pip(tmp_path):
+    root = _unpack(_package(tmp_path / "m.tar.gz", "--no-vendor"), tmp_path / "un")
+    from model_package.build import pinned_requirements
+
+    assert (root / "code/requirements.txt").read_text().splitlines() == pinned_requirements()
+    assert not (root / "code/lib").exists()
+    assert json.loads((root / "manifest.json").read_text())["vendored"] is None
 
 
 def _tiny_wheel(folder: Path, name="jv3tinydep", version="0.1") -> Path:
@@ -111,33 +226,19 @@ def _tiny_wheel(folder: Path, name="jv3tinydep", version="0.1") -> Path:
     return path
 
 
-def test_vendoring_offline_from_local_wheels(tmp_path):
-    """Vendoring resolves for the DLC's Python/platform, keeps a cache, and code/requirements.txt installs with --no-index."""
+def test_vendoring_offline_from_local_wheels_then_from_the_cache(tmp_path):
+    """--find-links/--no-index vendor with no network; the cache alone serves the next build."""
     house = tmp_path / "house"
     _tiny_wheel(house)
-    names = vendor_wheels(["jv3tinydep==0.1"], tmp_path / "wheels", cache=tmp_path / "cache", find_links=house, no_index=True)
-    assert names == ["jv3tinydep-0.1-py3-none-any.whl"] and (tmp_path / "cache" / names[0]).exists()
-    # second time from the cache alone
-    assert vendor_wheels(["jv3tinydep==0.1"], tmp_path / "w2", cache=tmp_path / "cache", no_index=True) == names
-
-    out = build_package(TINY, tmp_path / "m.tar.gz", requirements=["jv3tinydep==0.1"], wheel_cache=tmp_path / "cache", no_index=True)
-    root = tmp_path / "un"
-    with tarfile.open(out) as tar:
-        tar.extractall(root, filter="data")
-    assert (root / "code/requirements.txt").read_text().splitlines() == ["--no-index", "--find-links ./wheels", "jv3tinydep==0.1"]
-    manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["vendored_wheels"] == names and "code/wheels/" + names[0] in manifest["files"]
-    # what the toolkit runs at start-up: pip install -r code/requirements.txt, from another cwd
-    target = tmp_path / "site"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--target",
-                           str(target), "-r", str(root / "code/requirements.txt")], cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert (target / "jv3tinydep.py").exists()
+    names = install_lib(["jv3tinydep==0.1"], tmp_path / "lib", cache=tmp_path / "cache", find_links=house, no_index=True)
+    assert names == ["jv3tinydep-0.1.dist-info"] and (tmp_path / "lib" / "jv3tinydep.py").exists()
+    assert (tmp_path / "cache" / "jv3tinydep-0.1-py3-none-any.whl").exists()
+    assert install_lib(["jv3tinydep==0.1"], tmp_path / "lib2", cache=tmp_path / "cache", no_index=True) == names
 
 
 def test_vendoring_failure_is_one_clear_error(tmp_path):
-    with pytest.raises(PackageError, match="could not vendor wheels.*--no-vendor"):
-        vendor_wheels(["jv3-no-such-package==9"], tmp_path / "w", cache=tmp_path / "c", no_index=True)
+    with pytest.raises(PackageError, match="could not download the wheels.*--no-vendor"):
+        install_lib(["jv3-no-such-package==9"], tmp_path / "w", cache=tmp_path / "c", no_index=True)
 
 
 def test_invalid_checkpoint_is_refused_before_anything_is_written(tmp_path):
