@@ -7,12 +7,19 @@ them, raising ``InfraConfigError`` with the bad value and the valid choices.
 The endpoint's runtime variables (``JV3_DEFAULT_TASK`` …) keep the names that
 ``inference/settings.py`` reads; ``infra`` never imports ``inference`` (they meet only through these
 names), so the task and encoding choices are repeated here and a test pins them to the handler's.
+Their *defaults* are not repeated: ``inference/settings.py`` holds the one default of each, and
+``container_environment`` sets such a variable only when the operator gave a value.
+
+A local ``model.tar.gz`` is checked against the checkpoint it carries: its ``manifest.json`` (written
+by model_package) gives the hidden size, the task adapters and the Python its wheels were built for.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +27,29 @@ from typing import Any
 
 from .errors import InfraConfigError
 
-# --- the container image -------------------------------------------------------------------------
+# --- the container runtime -----------------------------------------------------------------------
+# byoc: the repository's Dockerfile, built and pushed to CDK's bootstrap ECR repository at deploy;
+#       the server is `python -m inference.serve serve` (cross-request batching, one engine per GPU).
+# dlc:  the AWS PyTorch inference DLC below with the archive's code/ run by the SageMaker toolkit
+#       under TorchServe. Its 2.6.0 line is the last PyTorch inference DLC and is past its end of
+#       patching (2026-06-30). docs/deploy.md ("Runtime") weighs the two.
+RUNTIMES = ("byoc", "dlc")
+DEFAULT_RUNTIME = "byoc"
+# What the byoc image is built from: the Dockerfile at the repository root, which copies inference/ only.
+BYOC_DOCKERFILE = "Dockerfile"
+# The asset is staged (and hashed) from these paths alone, so an edit elsewhere in the repository does
+# not rebuild the image; a test checks the Dockerfile's COPY sources are covered. Docker ignore syntax.
+BYOC_CONTEXT_EXCLUDE = ("*", "!Dockerfile", "!inference/**", "**/__pycache__", "**/*.pyc")
+# The Dockerfile installs PyPI's torch by default, the CUDA build (its wheels carry the CUDA libraries;
+# the instance provides the driver), on python:3.12-slim, which keeps receiving security rebuilds. CPU
+# instance types get the same torch version from PyTorch's CPU index: gigabytes smaller, nothing unused.
+BYOC_CPU_BUILD_ARGS = {"TORCH_INDEX": "https://download.pytorch.org/whl/cpu"}
+
+# dlc: the TorchServe handler service TorchServe loads instead of the toolkit's (TS_DEFAULT_SERVICE_HANDLER;
+# TorchServe reads TS_* variables over its config file). It is inference/sagemaker_service.py, which
+# model_package copies into the archive's code/ as package jv3_inference; code/ is on the worker's path.
+TS_HANDLER_SERVICE = "jv3_inference.sagemaker_service"
+
 # AWS Deep Learning Container for PyTorch inference (SageMaker flavour), pinned to one release line.
 PYTORCH_VERSION = "2.6.0"
 IMAGE_REPOSITORY = "pytorch-inference"
@@ -71,7 +100,7 @@ DLC_ACCOUNTS: dict[str, str] = {
 }
 
 # --- instance types ------------------------------------------------------------------------------
-# x86 families only: the DLC images above are built for x86_64.
+# x86 families only: the DLC images above and the byoc image (linux/amd64) are built for x86_64.
 GPU_FAMILIES = ("g4dn", "g5", "g6", "g6e", "p3", "p4d", "p4de", "p5")
 CPU_FAMILIES = ("c5", "c5d", "c6i", "c7i", "m5", "m5d", "m6i", "m7i", "r5", "r6i", "r7i")
 # Families whose instances carry NVMe instance storage: SageMaker encrypts it in hardware and
@@ -90,7 +119,9 @@ _MULTI_GPU = {
 # --- runtime choices the handler accepts (pinned to inference/settings.py by a test) -------------
 TASKS = ("retrieval.query", "retrieval.passage", "separation", "classification", "text-matching")
 ENCODINGS = ("float", "base64", "binary", "ubinary")
-FULL_DIMENSIONS = 1024
+FULL_DIMENSIONS = 1024  # jina-embeddings-v3; a local archive's manifest.json gives its checkpoint's own size
+MANIFEST = "manifest.json"  # model_package writes it at the archive root
+MANIFEST_MAX_BYTES = 64 * 1024 * 1024
 
 PLACEHOLDER_ARTIFACT = "s3://jv3-placeholder-set-JV3_MODEL_ARTIFACT/model.tar.gz"
 
@@ -104,8 +135,11 @@ SETTINGS: dict[str, tuple[str, str, str, str]] = {
     "region": ("region", "JV3_REGION", "", "AWS region (empty: CDK_DEFAULT_REGION, then us-east-1)"),
     "instance_type": ("instance_type", "JV3_INSTANCE_TYPE", "ml.g5.xlarge",
                       "endpoint instance type: GPU (" + ", ".join(GPU_FAMILIES) + ") or CPU (" + ", ".join(CPU_FAMILIES) + ")"),
+    "runtime": ("runtime", "JV3_RUNTIME", DEFAULT_RUNTIME,
+                "container: byoc (the repository's Dockerfile, built by CDK at deploy: needs Docker) or dlc "
+                "(the AWS PyTorch 2.6 inference DLC)"),
     "image_tag": ("image_tag", "JV3_IMAGE_TAG", "",
-                  f"pytorch-inference image tag (empty: {GPU_IMAGE_TAG} on GPU, {CPU_IMAGE_TAG} on CPU)"),
+                  f"dlc only: pytorch-inference image tag (empty: {GPU_IMAGE_TAG} on GPU, {CPU_IMAGE_TAG} on CPU)"),
     "instance_count": ("instance_count", "JV3_INSTANCE_COUNT", "1", "instances the real-time endpoint starts with"),
     "min_instances": ("min_instances", "JV3_MIN_INSTANCES", "1", "autoscaling floor of the real-time endpoint"),
     "max_instances": ("max_instances", "JV3_MAX_INSTANCES", "4", "autoscaling ceiling of the real-time endpoint"),
@@ -121,21 +155,28 @@ SETTINGS: dict[str, tuple[str, str, str, str]] = {
     "security_group_ids": ("security_group_ids", "JV3_SECURITY_GROUP_IDS", "",
                            "comma-separated security groups; required with JV3_SUBNET_IDS"),
     "network_isolation": ("network_isolation", "JV3_NETWORK_ISOLATION", "false",
-                          "EnableNetworkIsolation on the models (the archive must vendor its wheels)"),
+                          "EnableNetworkIsolation on the models (dlc: the archive must vendor its wheels, as make package does)"),
     "alarm_email": ("alarm_email", "JV3_ALARM_EMAIL", "", "e-mail subscribed to the alarm topic (empty: none)"),
     "latency_p99_ms": ("latency_p99_ms", "JV3_ALARM_LATENCY_P99_MS", "2000", "ModelLatency p99 alarm threshold in ms"),
     "async_enabled": ("async_enabled", "JV3_ASYNC", "false", "also deploy the async-inference stack"),
     "async_max_instances": ("async_max_instances", "JV3_ASYNC_MAX_INSTANCES", "2", "async endpoint ceiling (floor is 0)"),
     "async_notifications": ("async_notifications", "JV3_ASYNC_NOTIFICATIONS", "true",
                             "SNS success and error topics for async results"),
-    "default_task": ("default_task", "JV3_DEFAULT_TASK", "text-matching", "container: task when a request names none"),
-    "default_dimensions": ("default_dimensions", "JV3_DEFAULT_DIMENSIONS", str(FULL_DIMENSIONS),
-                           "container: Matryoshka size when a request names none"),
-    "default_encoding": ("default_encoding", "JV3_DEFAULT_ENCODING", "float", "container: encoding when a request names none"),
+    # Container settings: empty means unset on the model, so the container's own default applies
+    # (inference/settings.py); a given value is validated here and, for a local archive, against its checkpoint.
+    "default_task": ("default_task", "JV3_DEFAULT_TASK", "",
+                     "container: task when a request names none (empty: the container's default)"),
+    "default_dimensions": ("default_dimensions", "JV3_DEFAULT_DIMENSIONS", "",
+                           "container: Matryoshka size when a request names none (empty: the container's default)"),
+    "default_encoding": ("default_encoding", "JV3_DEFAULT_ENCODING", "",
+                         "container: encoding when a request names none (empty: the container's default)"),
     "max_batch_tokens": ("max_batch_tokens", "JV3_MAX_BATCH_TOKENS", "",
-                         "container: tokens per forward pass (empty: 32768 on g4dn, 65536 on other GPUs, 8192 on CPU)"),
-    "tasks": ("tasks", "JV3_TASKS", ",".join(TASKS), "container: task adapters to prepare"),
+                         "container: tokens per forward pass (empty: the container's default)"),
+    "tasks": ("tasks", "JV3_TASKS", "",
+              "container: comma-separated task adapters to prepare (empty: the container's default)"),
 }
+# The rows above that only reach the container (as the same variable), unset when empty.
+CONTAINER_SETTINGS = ("default_task", "default_dimensions", "default_encoding", "max_batch_tokens", "tasks")
 
 
 @dataclass(frozen=True)
@@ -153,13 +194,25 @@ class ModelArtifact:
 
 
 @dataclass(frozen=True)
+class CheckpointFacts:
+    """What a local archive's ``manifest.json`` says about the checkpoint inside it (None: not stated)."""
+
+    hidden_size: int | None
+    tasks: tuple[str, ...] | None
+    python: str | None  # the Python the vendored wheels in code/ were built for (target.python)
+    code_package: str | None
+    files: frozenset[str] | None  # archive paths, when the manifest lists them
+
+
+@dataclass(frozen=True)
 class DeploySettings:
     artifact: ModelArtifact
     stack_name: str
     region: str
     account: str | None
     instance_type: str
-    image_tag: str
+    runtime: str
+    image_tag: str  # dlc only ("" with byoc)
     instance_count: int
     min_instances: int
     max_instances: int
@@ -175,11 +228,13 @@ class DeploySettings:
     async_enabled: bool
     async_max_instances: int
     async_notifications: bool
-    default_task: str
-    default_dimensions: int
-    default_encoding: str
-    max_batch_tokens: int
-    tasks: tuple[str, ...]
+    # container settings: None when the operator gave none (the container's default applies)
+    default_task: str | None
+    default_dimensions: int | None
+    default_encoding: str | None
+    max_batch_tokens: int | None
+    tasks: tuple[str, ...] | None
+    checkpoint: CheckpointFacts | None = None  # from a local archive's manifest.json
 
     # --- derived ---------------------------------------------------------------------------------
     @property
@@ -202,11 +257,16 @@ class DeploySettings:
         return self.family not in LOCAL_STORAGE_FAMILIES
 
     @property
+    def is_byoc(self) -> bool:
+        return self.runtime == "byoc"
+
+    @property
     def dlc_account(self) -> str:
         return DLC_ACCOUNTS[self.region]
 
     @property
-    def image_uri(self) -> str:
+    def dlc_image_uri(self) -> str:
+        """The DLC image of ``JV3_RUNTIME=dlc`` (the byoc image URI exists only in the stack, from its asset)."""
         suffix = ".amazonaws.com.cn" if self.region.startswith("cn-") else ".amazonaws.com"
         return f"{self.dlc_account}.dkr.ecr.{self.region}{suffix}/{IMAGE_REPOSITORY}:{self.image_tag}"
 
@@ -215,42 +275,66 @@ class DeploySettings:
         """One model copy per GPU; on CPU one worker that uses every core through torch's threads."""
         return max(self.gpu_count, 1)
 
-    def container_environment(self, mode: str = "realtime") -> dict[str, str]:
-        """What the SageMaker SDK would set for a PyTorch model, TorchServe limits, and our ``JV3_*``.
+    @property
+    def byoc_build_args(self) -> dict[str, str]:
+        return {} if self.is_gpu else dict(BYOC_CPU_BUILD_ARGS)
 
-        ``mode`` sizes TorchServe for the caller: ``realtime`` (6 MB requests, 60 s invocations) or
+    def container_environment(self, mode: str = "realtime") -> dict[str, str]:
+        """The model's environment for ``mode``: ``realtime`` (6 MB requests, 60 s invocations) or
         ``batch``/``async`` (MaxPayloadInMB up to 100 MB, invocations up to an hour).
+
+        dlc: what the SageMaker SDK would set for a PyTorch model, TorchServe's workers, limits and
+        handler service. byoc: only what ``inference.serve`` reads. Both: the container settings the
+        operator gave (an unset one keeps the container's default).
         """
         if mode == "realtime":
             request_bytes = 8 * 1024 * 1024  # above SageMaker's 6 MB cap, so SageMaker refuses first
             response_bytes = 64 * 1024 * 1024  # 2048 float vectors of 1024 dims as JSON ≈ 40 MB
-            timeout_s = 120
+            timeout_s = 120  # TorchServe: above SageMaker's 60 s, so SageMaker times out first
+            # byoc: answer 503 (naming JV3_REQUEST_TIMEOUT_S) just before SageMaker's 60 s invocation
+            # timeout, so the caller gets the server's reason and the batcher drops the abandoned work
+            server_timeout_s = 55
         elif mode in ("batch", "async"):
             request_bytes = 100 * 1024 * 1024
             response_bytes = 1024 * 1024 * 1024  # JSON embeddings are ~20x the bytes of their text
-            timeout_s = 3600
+            timeout_s = server_timeout_s = 3600
         else:
             raise InfraConfigError(f"container mode {mode!r} is not valid; expected one of realtime, batch, async")
+        jv3 = {var: value for var, value in self._container_settings().items() if value is not None}
+        # The BYOC server enforces this itself; on the DLC it equals TorchServe's limit.
+        jv3["JV3_MAX_REQUEST_BYTES"] = str(request_bytes)
+        if self.is_byoc:
+            return {**jv3, "JV3_REQUEST_TIMEOUT_S": str(server_timeout_s)}
+        workers = str(self.model_server_workers)
         return {
             "SAGEMAKER_PROGRAM": "inference.py",
             "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
             "SAGEMAKER_REGION": self.region,
             "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
-            "SAGEMAKER_MODEL_SERVER_WORKERS": str(self.model_server_workers),
+            "SAGEMAKER_MODEL_SERVER_WORKERS": workers,
+            # Once any SAGEMAKER_TS_* variable is set, the toolkit writes a per-model block with
+            # minWorkers=SAGEMAKER_TS_MIN_WORKERS and maxWorkers=SAGEMAKER_TS_MAX_WORKERS (both default 1)
+            # that overrides SAGEMAKER_MODEL_SERVER_WORKERS: without these a 4-GPU instance runs one worker.
+            "SAGEMAKER_TS_MIN_WORKERS": workers,
+            "SAGEMAKER_TS_MAX_WORKERS": workers,
             # TorchServe reads TS_* (enable_envvars_config), the SageMaker toolkit reads SAGEMAKER_TS_*.
             "TS_MAX_REQUEST_SIZE": str(request_bytes),
             "TS_MAX_RESPONSE_SIZE": str(response_bytes),
             "TS_DEFAULT_RESPONSE_TIMEOUT": str(timeout_s),
+            "TS_DEFAULT_SERVICE_HANDLER": TS_HANDLER_SERVICE,
             "SAGEMAKER_TS_MAX_REQUEST_SIZE": str(request_bytes),
             "SAGEMAKER_TS_MAX_RESPONSE_SIZE": str(response_bytes),
             "SAGEMAKER_TS_RESPONSE_TIMEOUT": str(timeout_s),
+            **jv3,
+        }
+
+    def _container_settings(self) -> dict[str, str | None]:
+        return {
             "JV3_DEFAULT_TASK": self.default_task,
-            "JV3_DEFAULT_DIMENSIONS": str(self.default_dimensions),
+            "JV3_DEFAULT_DIMENSIONS": None if self.default_dimensions is None else str(self.default_dimensions),
             "JV3_DEFAULT_ENCODING": self.default_encoding,
-            "JV3_MAX_BATCH_TOKENS": str(self.max_batch_tokens),
-            "JV3_TASKS": ",".join(self.tasks),
-            # The BYOC server (inference.serve) enforces this itself; keep it equal to TorchServe's.
-            "JV3_MAX_REQUEST_BYTES": str(request_bytes),
+            "JV3_MAX_BATCH_TOKENS": None if self.max_batch_tokens is None else str(self.max_batch_tokens),
+            "JV3_TASKS": None if self.tasks is None else ",".join(self.tasks),
         }
 
     # --- resolution ------------------------------------------------------------------------------
@@ -269,10 +353,17 @@ class DeploySettings:
 
         instance_type = _instance_type(raw["instance_type"])
         is_gpu = instance_type.split(".")[1] in GPU_FAMILIES
+        runtime = _choice(raw["runtime"], RUNTIMES, "JV3_RUNTIME")
         region = raw["region"] or environ.get("CDK_DEFAULT_REGION", "") or "us-east-1"
-        if region not in DLC_ACCOUNTS:
+        if runtime == "dlc" and region not in DLC_ACCOUNTS:
             raise InfraConfigError(
-                f"JV3_REGION={region!r} has no PyTorch DLC registry; expected one of {', '.join(sorted(DLC_ACCOUNTS))}")
+                f"JV3_REGION={region!r} has no PyTorch DLC registry; expected one of {', '.join(sorted(DLC_ACCOUNTS))} "
+                "(or JV3_RUNTIME=byoc, which builds its own image)")
+        if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d{1,2}", region):
+            raise InfraConfigError(f"JV3_REGION={region!r} is not an AWS region like 'us-east-1'")
+        if runtime == "byoc" and raw["image_tag"]:
+            raise InfraConfigError(f"JV3_IMAGE_TAG={raw['image_tag']!r} pins a DLC image; it applies to JV3_RUNTIME=dlc "
+                                   "only (byoc builds the repository's Dockerfile)")
 
         instance_count = _int(raw["instance_count"], "JV3_INSTANCE_COUNT", 1)
         min_instances = _int(raw["min_instances"], "JV3_MIN_INSTANCES", 1)
@@ -299,19 +390,20 @@ class DeploySettings:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,100}", stack_name):
             raise InfraConfigError(f"JV3_STACK_NAME={stack_name!r} must start with a letter and hold only letters, digits, '-'")
 
-        tasks = _tasks(raw["tasks"])
-        default_task = _choice(raw["default_task"], TASKS, "JV3_DEFAULT_TASK")
-        if default_task not in tasks:
-            raise InfraConfigError(f"JV3_DEFAULT_TASK={default_task!r} is not among JV3_TASKS={','.join(tasks)}")
-        family = instance_type.split(".")[1]
-        default_tokens = 32768 if family == "g4dn" else 65536 if is_gpu else 8192
+        artifact = _artifact(raw["model_artifact"], _bool(raw["require_artifact"], "JV3_REQUIRE_ARTIFACT"), base_dir)
+        checkpoint = read_manifest(artifact.path) if artifact.kind == "asset" else None
+        image_tag = _image_tag(raw["image_tag"], is_gpu) if runtime == "dlc" else ""
+        container = _container_settings(raw, checkpoint, artifact)
+        if checkpoint is not None and runtime == "dlc":
+            _check_dlc_archive(checkpoint, image_tag, artifact)
         return cls(
-            artifact=_artifact(raw["model_artifact"], _bool(raw["require_artifact"], "JV3_REQUIRE_ARTIFACT"), base_dir),
+            artifact=artifact,
             stack_name=stack_name,
             region=region,
             account=environ.get("CDK_DEFAULT_ACCOUNT") or None,
             instance_type=instance_type,
-            image_tag=_image_tag(raw["image_tag"], is_gpu),
+            runtime=runtime,
+            image_tag=image_tag,
             instance_count=instance_count,
             min_instances=min_instances,
             max_instances=max_instances,
@@ -327,11 +419,8 @@ class DeploySettings:
             async_enabled=_bool(raw["async_enabled"], "JV3_ASYNC"),
             async_max_instances=_int(raw["async_max_instances"], "JV3_ASYNC_MAX_INSTANCES", 1),
             async_notifications=_bool(raw["async_notifications"], "JV3_ASYNC_NOTIFICATIONS"),
-            default_task=default_task,
-            default_dimensions=_dimensions(raw["default_dimensions"]),
-            default_encoding=_choice(raw["default_encoding"], ENCODINGS, "JV3_DEFAULT_ENCODING"),
-            max_batch_tokens=_int(raw["max_batch_tokens"], "JV3_MAX_BATCH_TOKENS", 512) if raw["max_batch_tokens"] else default_tokens,
-            tasks=tasks,
+            **container,
+            checkpoint=checkpoint,
         )
 
 
@@ -417,11 +506,119 @@ def _choice(value: str, choices: tuple[str, ...], name: str) -> str:
     return value
 
 
-def _dimensions(value: str) -> int:
+def _container_settings(raw: Mapping[str, str], checkpoint: CheckpointFacts | None,
+                        artifact: ModelArtifact) -> dict[str, Any]:
+    """The container settings the operator gave, validated (alone, together, against the checkpoint).
+
+    An empty one stays None: the container's own default applies. Infra does not know those defaults
+    (inference/settings.py holds them), so where a default could clash with a given value it asks for
+    the value instead of guessing: JV3_TASKS needs JV3_DEFAULT_TASK, and a checkpoint that lacks some of
+    the task adapters needs JV3_TASKS.
+    """
+    where = f" (JV3_MODEL_ARTIFACT={artifact.path})" if checkpoint is not None else ""
+    tasks = _tasks(raw["tasks"]) if raw["tasks"] else None
+    default_task = _choice(raw["default_task"], TASKS, "JV3_DEFAULT_TASK") if raw["default_task"] else None
+    dimensions = _dimensions(raw["default_dimensions"], checkpoint, where) if raw["default_dimensions"] else None
+    encoding = _choice(raw["default_encoding"], ENCODINGS, "JV3_DEFAULT_ENCODING") if raw["default_encoding"] else None
+    tokens = _int(raw["max_batch_tokens"], "JV3_MAX_BATCH_TOKENS", 512) if raw["max_batch_tokens"] else None
+
+    has = checkpoint.tasks if checkpoint is not None else None
+    if has is not None:
+        if tasks is not None:
+            missing = [t for t in tasks if t not in has]
+            if missing:
+                raise InfraConfigError(
+                    f"JV3_TASKS={','.join(tasks)} names {', '.join(missing)}, which the checkpoint lacks: it has "
+                    f"{', '.join(has) or 'no task adapters'}{where}")
+        elif set(TASKS) - set(has):
+            raise InfraConfigError(
+                f"the checkpoint has only the task adapters {', '.join(has) or '(none)'}{where}: set JV3_TASKS to "
+                "those it should serve (the container's own default may name others and fail at start-up)")
+    if tasks is not None and default_task is None:
+        raise InfraConfigError(
+            f"JV3_TASKS={','.join(tasks)} is set without JV3_DEFAULT_TASK: name the default task too (one of "
+            f"{', '.join(tasks)}); the container's own default may not be among these tasks")
+    served = tasks if tasks is not None else has
+    if default_task is not None and served is not None and default_task not in served:
+        source = f"JV3_TASKS={','.join(tasks)}" if tasks is not None else f"the checkpoint's task adapters{where}"
+        raise InfraConfigError(f"JV3_DEFAULT_TASK={default_task!r} is not among {source}: expected one of "
+                               f"{', '.join(served)}")
+    return {"default_task": default_task, "default_dimensions": dimensions, "default_encoding": encoding,
+            "max_batch_tokens": tokens, "tasks": tasks}
+
+
+def _dimensions(value: str, checkpoint: CheckpointFacts | None, where: str) -> int:
     number = _int(value, "JV3_DEFAULT_DIMENSIONS", 1)
-    if number > FULL_DIMENSIONS:
+    if checkpoint is not None and checkpoint.hidden_size is not None:
+        if number > checkpoint.hidden_size:
+            raise InfraConfigError(f"JV3_DEFAULT_DIMENSIONS={number} exceeds the checkpoint's hidden size of "
+                                   f"{checkpoint.hidden_size}{where}")
+    elif number > FULL_DIMENSIONS:
         raise InfraConfigError(f"JV3_DEFAULT_DIMENSIONS={number} exceeds the model's {FULL_DIMENSIONS} dimensions")
     return number
+
+
+def _check_dlc_archive(checkpoint: CheckpointFacts, image_tag: str, artifact: ModelArtifact) -> None:
+    """What would stop the DLC from starting this archive: its handler service or its wheels' Python."""
+    where = f"JV3_MODEL_ARTIFACT={artifact.path}"
+    package, _, module = TS_HANDLER_SERVICE.partition(".")
+    if checkpoint.code_package is not None and checkpoint.code_package != package:
+        raise InfraConfigError(f"{where} carries its code as {checkpoint.code_package!r}, but the DLC's handler "
+                               f"service is {TS_HANDLER_SERVICE!r}: rebuild it with this repository's model_package")
+    handler_file = f"code/{package}/{module}.py"
+    if checkpoint.files is not None and handler_file not in checkpoint.files:
+        raise InfraConfigError(f"{where} has no {handler_file} (TS_DEFAULT_SERVICE_HANDLER={TS_HANDLER_SERVICE}): "
+                               "it was built before the handler service existed; rebuild it (make package)")
+    match = re.search(r"-py(\d)(\d+)-", image_tag)
+    if checkpoint.python and match:
+        image_python = f"{match[1]}.{match[2]}"
+        if checkpoint.python != image_python:
+            raise InfraConfigError(
+                f"{where} was built for Python {checkpoint.python} (manifest target.python) but the image "
+                f"{image_tag} runs Python {image_python}: rebuild it with --python-version {image_python}")
+
+
+def read_manifest(path: Path | None) -> CheckpointFacts | None:
+    """The checkpoint facts of a local archive's ``manifest.json``; None when it has none.
+
+    Reads the gzip stream member by member and stops at the manifest (model_package writes members in
+    path order, so it comes before the weights); nothing is extracted to disk.
+    """
+    if path is None:
+        return None
+    try:
+        with tarfile.open(path, "r|gz") as archive:
+            for member in archive:
+                if member.name.removeprefix("./") != MANIFEST or not member.isfile():
+                    continue
+                if member.size > MANIFEST_MAX_BYTES:
+                    raise InfraConfigError(f"JV3_MODEL_ARTIFACT={path}: {MANIFEST} is {member.size} bytes, "
+                                           f"more than a manifest should be ({MANIFEST_MAX_BYTES})")
+                data = archive.extractfile(member).read()
+                break
+            else:
+                return None
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise InfraConfigError(f"JV3_MODEL_ARTIFACT={path} is not a readable .tar.gz archive "
+                               f"({type(error).__name__}: {error})") from None
+    try:
+        manifest = json.loads(data)
+    except ValueError as error:
+        raise InfraConfigError(f"JV3_MODEL_ARTIFACT={path}: {MANIFEST} is not JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise InfraConfigError(f"JV3_MODEL_ARTIFACT={path}: {MANIFEST} is not a JSON object")
+    checkpoint = manifest.get("checkpoint") if isinstance(manifest.get("checkpoint"), dict) else {}
+    target = manifest.get("target") if isinstance(manifest.get("target"), dict) else {}
+    hidden_size = checkpoint.get("hidden_size")
+    tasks = checkpoint.get("tasks")
+    files = manifest.get("files")
+    return CheckpointFacts(
+        hidden_size=hidden_size if isinstance(hidden_size, int) and hidden_size > 0 else None,
+        tasks=tuple(str(t) for t in tasks) if isinstance(tasks, list) else None,
+        python=str(target["python"]) if target.get("python") else None,
+        code_package=str(manifest["code_package"]) if manifest.get("code_package") else None,
+        files=frozenset(files) if isinstance(files, dict) else None,
+    )
 
 
 def _tasks(value: str) -> tuple[str, ...]:

@@ -1,10 +1,9 @@
-"""A SageMaker Model for the DLC PyTorch image and its own execution role."""
+"""A SageMaker Model (DLC or BYOC image, see ``ContainerImage``) and its own execution role."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from aws_cdk import Aws
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
@@ -16,27 +15,19 @@ METRIC_NAMESPACES = ("/aws/sagemaker/Endpoints", "/aws/sagemaker/TransformJobs")
 class EmbeddingModel(Construct):
     """``role`` (assumed by SageMaker), ``policy`` (its managed policy), ``model`` (CfnModel), ``model_name``.
 
-    The role can pull the one DLC repository and publish metrics to the SageMaker namespaces; the stack
-    grants it the archive, its log group, its key and whatever buckets it writes.
+    The role can publish metrics to the SageMaker namespaces; ``ContainerImage.grant_pull`` lets it pull
+    its image, and the stack grants it the archive, its log group, its key and whatever buckets it writes.
     """
 
-    def __init__(self, scope: Construct, construct_id: str, *, image_uri: str, image_account: str,
-                 image_repository: str, model_data_url: str, environment: Mapping[str, str],
-                 subnet_ids: Sequence[str] = (), security_group_ids: Sequence[str] = (),
-                 network_isolation: bool = False) -> None:
+    def __init__(self, scope: Construct, construct_id: str, *, image_uri: str, model_data_url: str,
+                 environment: Mapping[str, str], subnet_ids: Sequence[str] = (),
+                 security_group_ids: Sequence[str] = (), network_isolation: bool = False) -> None:
         super().__init__(scope, construct_id)
         self.role = iam.Role(self, "ExecutionRole", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
                              description="SageMaker execution role of the jina-embeddings-v3 model")
         # A customer-managed policy rather than an inline one: versioned, reviewable on its own.
         self.policy = iam.ManagedPolicy(self, "Policy", roles=[self.role],
                                         description="What the jina-embeddings-v3 container may touch")
-        self.repository_arn = f"arn:{Aws.PARTITION}:ecr:{Aws.REGION}:{image_account}:repository/{image_repository}"
-        self.add_to_policy(iam.PolicyStatement(
-            sid="PullDlcImage",
-            actions=["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
-            resources=[self.repository_arn]))
-        self.add_to_policy(iam.PolicyStatement(
-            sid="EcrLogin", actions=["ecr:GetAuthorizationToken"], resources=["*"]))
         self.add_to_policy(iam.PolicyStatement(
             sid="PublishMetrics", actions=["cloudwatch:PutMetricData"], resources=["*"],
             conditions={"StringEquals": {"cloudwatch:namespace": list(METRIC_NAMESPACES)}}))
@@ -63,8 +54,10 @@ class EmbeddingModel(Construct):
             vpc_config=vpc_config,
             enable_network_isolation=network_isolation,
         )
-        # The role's policy must be attached before SageMaker validates the image and the archive.
+        # The role's policies must be attached before SageMaker validates the image and the archive: the
+        # managed one, and the default policy CDK grants (the byoc image pull) add to the role itself.
         self.model.node.add_dependency(self.policy)
+        self.model.node.add_dependency(self.role)
         self.model_name = self.model.attr_model_name
 
     def add_to_policy(self, statement: iam.PolicyStatement) -> None:

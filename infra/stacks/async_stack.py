@@ -11,10 +11,11 @@ from constructs import Construct
 from ..components.artifact import ModelArtifactSource
 from ..components.async_endpoint import AsyncEndpoint
 from ..components.autoscaling import BacklogAutoscaling
+from ..components.image import ContainerImage
 from ..components.model import EmbeddingModel
 from ..components.monitoring import EndpointMonitoring
 from ..components.storage import AccessLogBucket, SecureBucket
-from ..config import IMAGE_REPOSITORY, DeploySettings
+from ..config import DeploySettings
 from . import nag
 from .grants import allow_cloudwatch_alarms, grant_key_use, grant_logs
 
@@ -24,7 +25,7 @@ REQUESTS_PREFIX = "async/requests/"
 class AsyncEmbeddingStack(Stack):
     """Self-contained (own key, role, bucket), so it deploys and is destroyed independently of the main stack.
 
-    Attributes: ``key``, ``artifact``, ``model``, ``bucket``, ``endpoint``, ``autoscaling``, ``monitoring``.
+    Attributes: ``key``, ``artifact``, ``image``, ``model``, ``bucket``, ``endpoint``, ``autoscaling``, ``monitoring``.
     """
 
     def __init__(self, scope: Construct, construct_id: str, *, settings: DeploySettings, **kwargs) -> None:
@@ -37,8 +38,9 @@ class AsyncEmbeddingStack(Stack):
                            description="jina-v3 async: requests, results, topics, endpoint volume")
         allow_cloudwatch_alarms(self.key)
         self.artifact = ModelArtifactSource(self, "Artifact", artifact=s.artifact)
+        self.image = ContainerImage(self, "Image", settings=s)  # JV3_RUNTIME, as in the main stack
         self.model = EmbeddingModel(
-            self, "Model", image_uri=s.image_uri, image_account=s.dlc_account, image_repository=IMAGE_REPOSITORY,
+            self, "Model", image_uri=self.image.image_uri,
             model_data_url=self.artifact.model_data_url, environment=s.container_environment("async"),
             subnet_ids=s.subnet_ids, security_group_ids=s.security_group_ids, network_isolation=s.network_isolation)
         access_logs = AccessLogBucket(self, "AccessLogs").bucket
@@ -60,6 +62,7 @@ class AsyncEmbeddingStack(Stack):
             latency_p99_ms=s.latency_p99_ms * 30, alarm_email=s.alarm_email)
 
         model = self.model
+        self.image.grant_pull(model)
         model.add_to_policy(self.artifact.read_statement())
         grant_logs(model, self.endpoint.log_group_name)
         grant_key_use(model, self.key)
@@ -93,6 +96,7 @@ class AsyncEmbeddingStack(Stack):
             CfnOutput(self, name, value=value, description=description)
 
         nag.acknowledge_wildcards(model.policy)
+        nag.acknowledge_image_pull_grant(model, self.image)
         nag.acknowledge_access_log_bucket(access_logs)
         nag.acknowledge_data_buckets([self.bucket])
         if not s.volume_kms_supported:

@@ -11,10 +11,11 @@ from ..components.artifact import ModelArtifactSource
 from ..components.autoscaling import VariantAutoscaling
 from ..components.batch import BatchTransformStorage
 from ..components.endpoint import RealtimeEndpoint
+from ..components.image import ContainerImage
 from ..components.model import EmbeddingModel
 from ..components.monitoring import EndpointMonitoring
 from ..components.storage import AccessLogBucket, SecureBucket
-from ..config import IMAGE_REPOSITORY, PLACEHOLDER_ARTIFACT, DeploySettings
+from ..config import PLACEHOLDER_ARTIFACT, DeploySettings
 from . import nag
 from .grants import allow_cloudwatch_alarms, grant_key_use, grant_logs
 
@@ -22,7 +23,7 @@ TRANSFORM_LOG_GROUP = "/aws/sagemaker/TransformJobs"
 
 
 class EmbeddingStack(Stack):
-    """Attributes: ``key``, ``artifact``, ``model``, ``endpoint``, ``autoscaling``, ``access_logs``,
+    """Attributes: ``key``, ``artifact``, ``image``, ``model``, ``endpoint``, ``autoscaling``, ``access_logs``,
     ``capture_bucket`` (None when capture is off), ``batch``, ``batch_model``, ``monitoring``."""
 
     def __init__(self, scope: Construct, construct_id: str, *, settings: DeploySettings, **kwargs) -> None:
@@ -39,8 +40,9 @@ class EmbeddingStack(Stack):
                            description="jina-v3: endpoint volumes, batch buckets, captures, alarm topic")
         allow_cloudwatch_alarms(self.key)
         self.artifact = ModelArtifactSource(self, "Artifact", artifact=s.artifact)
+        self.image = ContainerImage(self, "Image", settings=s)  # JV3_RUNTIME: one image for both models
         model_props = dict(
-            image_uri=s.image_uri, image_account=s.dlc_account, image_repository=IMAGE_REPOSITORY,
+            image_uri=self.image.image_uri,
             model_data_url=self.artifact.model_data_url, subnet_ids=s.subnet_ids,
             security_group_ids=s.security_group_ids, network_isolation=s.network_isolation)
 
@@ -80,6 +82,7 @@ class EmbeddingStack(Stack):
         # --- grants --------------------------------------------------------------------------------
         realtime, batch = self.model, self.batch_model
         for model in (realtime, batch):
+            self.image.grant_pull(model)
             model.add_to_policy(self.artifact.read_statement())
         grant_logs(realtime, self.endpoint.log_group_name)
         grant_logs(batch, TRANSFORM_LOG_GROUP)
@@ -110,7 +113,7 @@ class EmbeddingStack(Stack):
             "KmsKeyArn": (self.key.key_arn, "key for TransformOutput.KmsKeyId and objects in the buckets"),
             "AlarmTopicArn": (self.monitoring.alarm_topic.topic_arn, "SNS topic of the endpoint alarms"),
             "DashboardName": (self.monitoring.dashboard.dashboard_name, "CloudWatch dashboard of the endpoint"),
-            "ImageUri": (s.image_uri, "container image of both models"),
+            "ImageUri": (self.image.image_uri, f"container image of both models (JV3_RUNTIME={s.runtime})"),
             "ModelDataUrl": (self.artifact.model_data_url, "model.tar.gz both models load"),
         }
         if self.capture_bucket is not None:
@@ -121,6 +124,7 @@ class EmbeddingStack(Stack):
         # --- cdk-nag: what remains is explained here -----------------------------------------------
         for model in (realtime, batch):
             nag.acknowledge_wildcards(model.policy)
+            nag.acknowledge_image_pull_grant(model, self.image)
         nag.acknowledge_access_log_bucket(self.access_logs)
         nag.acknowledge_data_buckets([b for b in (self.batch.input_bucket, self.batch.output_bucket,
                                                   self.capture_bucket) if b is not None])

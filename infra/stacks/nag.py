@@ -96,3 +96,34 @@ def _flatten(node: Any) -> str:
         if "Ref" in node:
             return f"<{_flatten(node['Ref'])}>"
     return json.dumps(node, separators=(",", ":"))
+
+
+
+def acknowledge_image_pull_grant(model: Any, image: Any) -> None:
+    """byoc: the pull grant CDK writes for the bootstrap asset repository (``ContainerImage.grant_pull``).
+
+    ``Repository.grant_pull`` adds its statements to the role's default policy, an ``AWS::IAM::Policy``:
+    ECR pull actions on the one asset repository and ``ecr:GetAuthorizationToken`` on ``*``. Acknowledged
+    only while that is all the default policy holds, so anything else added there is still reported.
+    """
+    if getattr(image, "asset", None) is None:
+        return
+    policy = model.role.node.try_find_child("DefaultPolicy")
+    if policy is None:
+        return
+    document = Stack.of(policy).resolve(policy.node.default_child.policy_document)
+    allowed = {"ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
+               "ecr:GetAuthorizationToken"}
+    for statement in document.get("Statement", []):
+        actions = statement.get("Action", [])
+        actions = set(actions if isinstance(actions, list) else [actions])
+        if statement.get("Effect") != "Allow" or not actions <= allowed:
+            return
+        if statement.get("Resource") == "*" and actions != {"ecr:GetAuthorizationToken"}:
+            return
+    acknowledge(policy, "AwsSolutions-IAM5[Resource::*]",
+                "ecr:GetAuthorizationToken has no resource-level permissions; the image pull actions are scoped "
+                "to the CDK bootstrap container-asset repository that holds the byoc image")
+    acknowledge(policy, "NIST.800.53.R5-IAMNoInlinePolicy",
+                "CDK's grant_pull on the bootstrap container-asset repository (not owned by this stack) writes "
+                "this default policy: ECR pull on that one repository and ecr:GetAuthorizationToken, nothing else")

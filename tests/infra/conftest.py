@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from aws_cdk import App, Stack
 from aws_cdk.assertions import Template
-from infra_support import FULL_ENV
+from infra_support import FULL_ENV, MANIFEST, tiny_archive
 
 from infra.app import build_app
 
@@ -27,24 +25,14 @@ class Synth:
         return self.template(index).to_json()
 
 
-def tiny_archive(path: Path) -> Path:
-    """A model.tar.gz stand-in: CDK only hashes and stages it."""
-    with tarfile.open(path, "w:gz") as archive:
-        data = b"def model_fn(model_dir):\n    return None\n"
-        info = tarfile.TarInfo("code/inference.py")
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-    return path
-
-
 @pytest.fixture(scope="session")
 def archive(tmp_path_factory) -> Path:
-    return tiny_archive(tmp_path_factory.mktemp("artifact") / "model.tar.gz")
+    return tiny_archive(tmp_path_factory.mktemp("artifact") / "model.tar.gz", MANIFEST)
 
 
 @pytest.fixture(scope="session")
 def default_synth(tmp_path_factory) -> Synth:
-    """No settings at all: ml.g5.xlarge in us-east-1 with the documented placeholder artifact."""
+    """No settings at all: the byoc runtime on ml.g5.xlarge in us-east-1 with the placeholder artifact."""
     app, stacks = build_app(environ={}, outdir=str(tmp_path_factory.mktemp("default")))
     return Synth(app, stacks)
 
@@ -52,6 +40,18 @@ def default_synth(tmp_path_factory) -> Synth:
 @pytest.fixture(scope="session")
 def default_template(default_synth) -> Template:
     return default_synth.template()
+
+
+@pytest.fixture(scope="session")
+def dlc_synth(tmp_path_factory) -> Synth:
+    """The defaults with JV3_RUNTIME=dlc: the pinned GPU DLC image on ml.g5.xlarge."""
+    app, stacks = build_app(environ={"JV3_RUNTIME": "dlc"}, outdir=str(tmp_path_factory.mktemp("dlc")))
+    return Synth(app, stacks)
+
+
+@pytest.fixture(scope="session")
+def dlc_template(dlc_synth) -> Template:
+    return dlc_synth.template()
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +73,7 @@ def async_template(full_synth) -> Template:
 
 @pytest.fixture(scope="session")
 def gpu_async_template(tmp_path_factory) -> Template:
-    """Async on the default GPU type, with an existing S3 artifact and no SNS topics."""
+    """Async on the default GPU type and runtime (byoc), with an existing S3 artifact and no SNS topics."""
     app, stacks = build_app(environ={"JV3_ASYNC": "true", "JV3_ASYNC_NOTIFICATIONS": "false",
                                      "JV3_MODEL_ARTIFACT": "s3://my-models/jina/v3/model.tar.gz"},
                             outdir=str(tmp_path_factory.mktemp("gpu-async")))

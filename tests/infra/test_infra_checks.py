@@ -1,7 +1,11 @@
-"""cdk-nag (AwsSolutions, NIST 800-53 R5) on a separate App, cfn-lint on every template, `make synth` for real."""
+"""cdk-nag (AwsSolutions, NIST 800-53 R5) on a separate App, cfn-lint on every template, `make synth` for real.
+
+Both runtimes: ``byoc`` (the default, with the async stack) and ``dlc`` (the full settings).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,9 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 CFN_LINT = Path(sys.executable).with_name("cfn-lint")
 
 
-@pytest.fixture(scope="module", params=["default", "full"])
+@pytest.fixture(scope="module", params=["byoc", "dlc-full"])
 def nag_app(request, tmp_path_factory, archive):
-    environ = {} if request.param == "default" else {**FULL_ENV, "JV3_MODEL_ARTIFACT": str(archive)}
+    environ = {"JV3_ASYNC": "true"} if request.param == "byoc" else {**FULL_ENV, "JV3_MODEL_ARTIFACT": str(archive)}
     app, stacks = build_app(environ=environ, outdir=str(tmp_path_factory.mktemp(f"nag-{request.param}")))
     return app, stacks
 
@@ -30,7 +34,7 @@ def test_cdk_nag_finds_nothing_unacknowledged(nag_app, pack):
     report = pack(app, verbose=True).validate_scope(app)
     findings = [(v.rule_name, [r.construct_path for r in v.violating_resources]) for v in report.violations]
     assert report.success, findings
-    assert len(stacks) >= 1
+    assert len(stacks) == 2
 
 
 def test_cdk_nag_does_flag_an_unhardened_bucket():
@@ -60,15 +64,32 @@ def test_acknowledgements_are_specific(nag_app):
     assert not any(rule.endswith("AwsSolutions-IAM5") for rule in acknowledged)
 
 
+FAKE_DOCKER = """#!/bin/sh
+echo "$@" >> "{log}"
+exit 1
+"""
+
+
 @pytest.fixture(scope="module")
 def synthesised_out(tmp_path_factory, archive) -> Path:
-    """`make synth`'s command from infra/, with nag plugins on, as a fresh clone would run it."""
+    """`make synth`'s command from infra/, with nag plugins on, as a fresh clone would run it.
+
+    The default runtime (byoc) with a ``docker`` that only records its calls, first on PATH and named
+    by CDK_DOCKER (the variable CDK uses to find Docker): synthesis must not call it.
+    """
     out = tmp_path_factory.mktemp("make-synth")
+    bin_dir = tmp_path_factory.mktemp("fake-docker")
+    log = bin_dir / "calls.log"
+    docker = bin_dir / "docker"
+    docker.write_text(FAKE_DOCKER.format(log=log))
+    docker.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JV3_", "CDK_"))}
-    env.update({"CDK_OUTDIR": str(out), "JV3_ASYNC": "true", "JV3_MODEL_ARTIFACT": str(archive)})
+    env.update({"CDK_OUTDIR": str(out), "JV3_ASYNC": "true", "JV3_MODEL_ARTIFACT": str(archive),
+                "CDK_DOCKER": str(docker), "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"})
     result = subprocess.run([sys.executable, "app.py"], cwd=REPO / "infra", env=env,
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not log.exists(), "synthesis ran docker: " + log.read_text()
     return out
 
 
@@ -76,6 +97,15 @@ def test_synth_writes_every_stack(synthesised_out):
     names = sorted(p.name for p in synthesised_out.glob("*.template.json"))
     assert names == ["Jv3Embeddings.template.json", "Jv3EmbeddingsAsync.template.json"]
     assert list(synthesised_out.glob("asset.*.tar.gz")), "the local archive is staged as a file asset"
+
+
+def test_byoc_synth_stages_the_image_context_without_docker(synthesised_out):
+    """The image is built at deploy (cdk-assets); synthesis only copies its build context into cdk.out."""
+    for stack in ("Jv3Embeddings", "Jv3EmbeddingsAsync"):
+        manifest = json.loads((synthesised_out / f"{stack}.assets.json").read_text())
+        (image,) = manifest["dockerImages"].values()
+        assert image["source"]["platform"] == "linux/amd64"
+        assert (synthesised_out / image["source"]["directory"] / "Dockerfile").is_file()
 
 
 def test_cfn_lint_reports_no_errors(synthesised_out, tmp_path):
@@ -87,12 +117,15 @@ def test_cfn_lint_reports_no_errors(synthesised_out, tmp_path):
     assert result.returncode in (0, 4, 8, 12), result.stdout + result.stderr  # 4 warnings, 8 informational
 
 
-def test_cfn_lint_on_the_default_gpu_template(default_synth, tmp_path):
-    import json
-
-    path = tmp_path / "default.template.json"
-    path.write_text(json.dumps(default_synth.json()))
-    result = subprocess.run([str(CFN_LINT), "--format", "parseable", str(path)],
+def test_cfn_lint_on_the_gpu_templates_of_both_runtimes_and_the_dlc_full_stacks(
+        default_synth, dlc_synth, full_synth, tmp_path):
+    paths = []
+    for name, synth, index in [("byoc-default", default_synth, 0), ("dlc-default", dlc_synth, 0),
+                               ("dlc-full", full_synth, 0), ("dlc-full-async", full_synth, 1)]:
+        path = tmp_path / f"{name}.template.json"
+        path.write_text(json.dumps(synth.json(index)))
+        paths.append(str(path))
+    result = subprocess.run([str(CFN_LINT), "--format", "parseable", *paths],
                             capture_output=True, text=True, timeout=240)
     assert not [line for line in result.stdout.splitlines() if ":E" in line], result.stdout
 
