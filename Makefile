@@ -25,11 +25,15 @@ setup: $(VENV)/.installed ## Create .venv with everything (engine, client, infra
 run: setup ## Package the embedded tiny checkpoint, serve it locally, embed samples via boto3
 	$(PY) -m model_package.quickstart --checkpoint $(CHECKPOINT)
 
-test: setup ## Run the whole test suite
+test: setup ## Run the whole test suite (the first run also builds the DLC stack into ~/.cache/jv3)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: setup ## ruff over the code
+test-containers: setup ## Only the archive in the DLC's serving stack and the BYOC entrypoint (root, Python 3.12, Java)
+	$(PY) -m pytest tests/containers -s $(PYTEST_ARGS)
+
+lint: setup ## ruff over the code, hadolint over the Dockerfile
 	$(VENV)/bin/ruff check inference model_package client infra tests bench
+	$(VENV)/bin/hadolint Dockerfile
 
 package: setup ## Build model.tar.gz from CHECKPOINT
 	$(PY) -m model_package --checkpoint $(CHECKPOINT) --output model.tar.gz
@@ -50,4 +54,4 @@ bench: setup ## CPU benchmarks; figures go to bench/RESULTS.md
 clean: ## Remove build outputs
 	rm -rf cdk.out infra/cdk.out build dist model.tar.gz
 
-.PHONY: help setup run test lint package serve synth deploy bench clean
+.PHONY: help setup run test test-containers lint package serve synth deploy bench clean

@@ -1,6 +1,6 @@
 """What the handler needs to know about TorchServe, the model server inside the PyTorch DLC.
 
-Two facts, both found by running the archive in the DLC's stack (tests/dlc):
+Two facts, both found by running the archive in the DLC's stack (tests/containers):
 
 - **Each worker has its own GPU.** TorchServe starts one Python worker per configured worker and hands
   each a GPU id round-robin in ``context.system_properties["gpu_id"]``; a worker that loads onto
