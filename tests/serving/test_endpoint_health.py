@@ -132,3 +132,22 @@ def test_jv3_device_list_loads_an_engine_per_entry():
     finally:
         log = stop_endpoint(endpoint)
     assert "ready: 2 engine(s) on cpu, cpu" in log
+
+
+def test_a_torchserve_worker_loads_where_torchserve_placed_it():
+    """TorchServe passes each worker its GPU in context.system_properties["gpu_id"]; on a machine without
+    CUDA (this one) every worker is on the CPU, and an explicit JV3_DEVICE wins over the assignment."""
+    import torch
+
+    from inference.engine import serving_devices
+    from inference.torchserve import worker_gpu
+
+    class Context:
+        def __init__(self, gpu):
+            self.system_properties = {"gpu_id": gpu, "model_dir": "/opt/ml/model"}
+
+    assert [worker_gpu(Context(g)) for g in (2, "3", None, -1, "x")] == [2, 3, None, None, None]
+    assert worker_gpu(None) is None
+    expected = ["cuda:2"] if torch.cuda.is_available() else ["cpu"]
+    assert serving_devices("auto", gpu_id=2) == expected
+    assert serving_devices("cpu", gpu_id=2) == ["cpu"]
