@@ -4,12 +4,15 @@
     vectors = EmbeddingClient("jv3-endpoint").embed(["hello", "world"], task="retrieval.passage")
 
 Only boto3, numpy, typer and tqdm are needed; nothing here imports torch or the CDK. Batch transform
-helpers live in ``client.batch``; the ``jv3`` command line in ``client.cli``.
+is ``BatchJobs`` (its stages live in ``client.batch``); the ``jv3`` command line is ``client.cli``;
+LangChain ``Embeddings`` are ``client.langchain.SageMakerJinaEmbeddings`` (the ``langchain`` extra,
+which ``import client`` does not need).
 """
 
 from __future__ import annotations
 
 from .async_inference import AsyncEmbeddingClient, AsyncInvocation
+from .batch import BatchJobs, JobSettings
 from .errors import (
     AsyncInferenceError,
     BadResponse,
@@ -45,6 +48,7 @@ __all__ = [
     "AsyncInvocation",
     "BadResponse",
     "BatchJobError",
+    "BatchJobs",
     "CapacityError",
     "ClientError",
     "DeadlineExceeded",
@@ -55,6 +59,7 @@ __all__ = [
     "EndpointUnavailable",
     "InvalidArgument",
     "InvalidRequestError",
+    "JobSettings",
     "ModelNotReady",
     "PartialFailure",
     "ProtocolError",

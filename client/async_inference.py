@@ -15,19 +15,17 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import botocore.exceptions
 import numpy as np
 
 from . import aws
-from .errors import AsyncInferenceError, EndpointUnavailable, InvalidArgument, WaitTimeout
-from .realtime import DEFAULT_TASK
+from .errors import AsyncInferenceError, InvalidArgument, WaitTimeout
+from .invoke import invoke_async
 from .retry import RetryPolicy
 from .wire import (
     CONTENT_TYPE,
+    DEFAULT_TASK,
     MAX_REQUEST_BYTES,
-    error_from_botocore,
-    output_dtype,
-    output_width,
+    no_vectors,
     parse_error_body,
     parse_response,
     plan_requests,
@@ -72,8 +70,8 @@ class AsyncEmbeddingClient:
     ):
         if not endpoint_name:
             raise InvalidArgument(f"endpoint_name must be a non-empty string, got {endpoint_name!r}")
-        self.bucket, prefix = aws.split_s3_uri(s3_input_uri)
-        self.prefix = prefix.rstrip("/")
+        aws.split_s3_uri(s3_input_uri)  # refuse anything but s3://bucket[/prefix] now
+        self.input_uri = s3_input_uri
         self.endpoint_name = endpoint_name
         self.max_batch_size = max_batch_size
         self.max_request_bytes = max_request_bytes
@@ -107,7 +105,7 @@ class AsyncEmbeddingClient:
             embedding_type=embedding_type,
         )
         if not invocations:
-            return np.empty((0, output_width(dimensions, embedding_type)), dtype=output_dtype(embedding_type))
+            return no_vectors(dimensions, embedding_type)
         return self.result(invocations, timeout=timeout)
 
     def submit(self, texts: Sequence[str], **parameters) -> list[AsyncInvocation]:
@@ -132,12 +130,13 @@ class AsyncEmbeddingClient:
         invocations = []
         for start, stop in ranges:
             inference_id = uuid.uuid4().hex
-            key = f"{self.prefix}/{inference_id}.json" if self.prefix else f"{inference_id}.json"
-            self.s3.put_object(
-                Bucket=self.bucket, Key=key, Body=request_body(texts[start:stop], params), ContentType=CONTENT_TYPE
+            input_location = aws.join_s3_uri(self.input_uri, f"{inference_id}.json")
+            aws.put_s3_object(self.s3, input_location, request_body(texts[start:stop], params), CONTENT_TYPE)
+            response = self.retry.call(
+                lambda loc=input_location, iid=inference_id: invoke_async(
+                    self.runtime, self.endpoint_name, loc, inference_id=iid
+                )
             )
-            input_location = f"s3://{self.bucket}/{key}"
-            response = self.retry.call(lambda loc=input_location, iid=inference_id: self._invoke(loc, iid))
             invocations.append(
                 AsyncInvocation(
                     inference_id=response.get("InferenceId", inference_id),
@@ -173,22 +172,8 @@ class AsyncEmbeddingClient:
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _invoke(self, input_location: str, inference_id: str) -> dict:
-        try:
-            return self.runtime.invoke_endpoint_async(
-                EndpointName=self.endpoint_name,
-                InputLocation=input_location,
-                ContentType=CONTENT_TYPE,
-                Accept=CONTENT_TYPE,
-                InferenceId=inference_id,
-            )
-        except botocore.exceptions.ClientError as exc:
-            raise error_from_botocore(exc) from exc
-        except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as exc:
-            raise EndpointUnavailable(f"cannot reach the runtime for {self.endpoint_name!r}: {exc}") from exc
-
     def _poll(self, invocation: AsyncInvocation) -> np.ndarray | None:
-        body = self._read(invocation.output_location)
+        body = aws.read_s3_object(self.s3, invocation.output_location)
         if body is not None:
             return parse_response(
                 body,
@@ -197,7 +182,7 @@ class AsyncEmbeddingClient:
                 dimensions=invocation.dimensions,
             )
         if invocation.failure_location:
-            failure = self._read(invocation.failure_location)
+            failure = aws.read_s3_object(self.s3, invocation.failure_location)
             if failure is not None:
                 message, error_type, _ = parse_error_body(failure)
                 raise AsyncInferenceError(
@@ -206,12 +191,3 @@ class AsyncEmbeddingClient:
                     failure_location=invocation.failure_location,
                 )
         return None
-
-    def _read(self, uri: str) -> bytes | None:
-        bucket, key = aws.split_s3_uri(uri)
-        try:
-            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise

@@ -4,6 +4,9 @@ Retries are the client's own (``client.retry``), so clients built here switch bo
 injected client keeps whatever its owner configured. ``endpoint_url`` points the runtime at a local
 endpoint (``python -m inference.serve``), which checks no signature: dummy credentials are used
 there when the environment has none, so no AWS account is needed.
+
+S3 URIs are read (``split_s3_uri``), built (``join_s3_uri``), written and read back here only, for
+the async client and batch transform alike.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from __future__ import annotations
 import os
 
 import boto3
+import botocore.exceptions
 from botocore.config import Config
+
+from .errors import InvalidArgument
 
 LOCAL_REGION = "us-east-1"
 
@@ -56,11 +62,32 @@ def client(service: str, *, region_name: str | None = None, **kwargs):
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/key/prefix`` → ("bucket", "key/prefix")."""
-    from .errors import InvalidArgument
-
-    if not uri.startswith("s3://") or len(uri) <= 5:
+    if not isinstance(uri, str) or not uri.startswith("s3://") or len(uri) <= 5:
         raise InvalidArgument(f"expected an s3://bucket/key URI, got {uri!r}")
     bucket, _, key = uri[5:].partition("/")
     if not bucket:
         raise InvalidArgument(f"expected an s3://bucket/key URI, got {uri!r}")
     return bucket, key
+
+
+def join_s3_uri(uri: str, *names: str) -> str:
+    """``join_s3_uri("s3://b/run/", "parts", "x.jsonl")`` → "s3://b/run/parts/x.jsonl" (one slash
+    between the parts, whether or not ``uri`` ends with one or has a key at all)."""
+    bucket, key = split_s3_uri(uri)
+    return f"s3://{bucket}/" + "/".join(p.strip("/") for p in (key, *names) if p.strip("/"))
+
+
+def put_s3_object(s3, uri: str, body: bytes, content_type: str) -> None:
+    bucket, key = split_s3_uri(uri)
+    s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+
+
+def read_s3_object(s3, uri: str) -> bytes | None:
+    """The object's bytes, or None when there is none (yet); other S3 errors are raised."""
+    bucket, key = split_s3_uri(uri)
+    try:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise

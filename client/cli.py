@@ -21,10 +21,12 @@ import botocore.exceptions
 import numpy as np
 import typer
 
-from . import aws, batch
+from . import aws
+from .batch import BatchJobError, BatchJobs, JobSettings, run_local
 from .errors import ClientError, InvalidArgument
 from .lines import decode_lines, split_lines
 from .realtime import EmbeddingClient
+from .wire import EMBEDDING_TYPES, TASKS
 
 app = typer.Typer(
     help="jina-embeddings-v3 on SageMaker: embed, batch transform, package, serve.",
@@ -36,19 +38,14 @@ batch_app = typer.Typer(help="Batch transform jobs over S3 corpora, and a local 
 app.add_typer(batch_app, name="batch")
 
 
-class Task(StrEnum):
-    retrieval_query = "retrieval.query"
-    retrieval_passage = "retrieval.passage"
-    separation = "separation"
-    classification = "classification"
-    text_matching = "text-matching"
+def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
+    """A typer choice of ``values`` (the wire vocabulary, ``client.wire``): members named like the
+    values, with ``.`` and ``-`` as ``_``."""
+    return StrEnum(name, [(v.replace(".", "_").replace("-", "_"), v) for v in values])
 
 
-class EmbeddingType(StrEnum):
-    float = "float"
-    base64 = "base64"
-    binary = "binary"
-    ubinary = "ubinary"
+Task = _choices("Task", TASKS)
+EmbeddingType = _choices("EmbeddingType", EMBEDDING_TYPES)
 
 
 class OutputFormat(StrEnum):
@@ -234,16 +231,18 @@ Stack = Annotated[
 ]
 
 
-def _settings(stack, model_name, input_bucket, output_bucket, region, **resources) -> batch.JobSettings:
-    explicit = {"model_name": model_name, "input_bucket": input_bucket, "output_bucket": output_bucket}
+Wait = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to finish.")]
+
+
+def _settings(stack: str | None, region: str | None, **options) -> JobSettings:
+    """The job's settings, built once: the stack's outputs (``options`` that are set override them),
+    or the options alone, which must then name the model and both buckets."""
     if stack:
-        return batch.JobSettings.from_stack(
-            stack, cloudformation=aws.client("cloudformation", region_name=region), **explicit, **resources
-        )
-    missing = [f"--{k.replace('_', '-')}" for k, v in explicit.items() if not v]
+        return JobSettings.from_stack(stack, cloudformation=aws.client("cloudformation", region_name=region), **options)
+    missing = [f"--{k.replace('_', '-')}" for k in ("model_name", "input_bucket", "output_bucket") if not options[k]]
     if missing:
         raise InvalidArgument(f"pass --stack, or all of {', '.join(missing)}")
-    return batch.JobSettings(**explicit, **resources)
+    return JobSettings(**{k: v for k, v in options.items() if v is not None})
 
 
 @batch_app.command("submit")
@@ -254,6 +253,9 @@ def batch_submit(
     model_name: Annotated[str | None, typer.Option(envvar="JV3_MODEL_NAME", help="SageMaker Model name.")] = None,
     input_bucket: Annotated[str | None, typer.Option(envvar="JV3_INPUT_BUCKET", help="Bucket for staged parts.")] = None,
     output_bucket: Annotated[str | None, typer.Option(envvar="JV3_OUTPUT_BUCKET", help="Bucket for outputs.")] = None,
+    kms_key_arn: Annotated[
+        str | None, typer.Option(envvar="JV3_KMS_KEY_ARN", help="KMS key for the outputs (default: the stack's).")
+    ] = None,
     instance_type: Annotated[str, typer.Option(envvar="JV3_INSTANCE_TYPE", help="Transform instance type.")] = "ml.g5.xlarge",
     instance_count: Annotated[int, typer.Option(min=1, help="Transform instances.")] = 1,
     max_concurrent: Annotated[int, typer.Option(min=1, help="MaxConcurrentTransforms per instance.")] = 1,
@@ -262,32 +264,30 @@ def batch_submit(
     embedding_type: EmbeddingTypeOption = EmbeddingType.float,
     records_per_part: Annotated[int, typer.Option(min=1, help="Records per staged part file.")] = 10_000,
     payload_mb: Annotated[int | None, typer.Option(min=1, max=100, help="MaxPayloadInMB (default: sized).")] = None,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to finish.")] = False,
+    wait: Wait = False,
     region: Region = None,
 ) -> None:
     """Stage a local corpus on S3 and start a transform job; prints the job name."""
     settings = _settings(
-        stack, model_name, input_bucket, output_bucket, region,
-        instance_type=instance_type, instance_count=instance_count, max_concurrent_transforms=max_concurrent,
+        stack, region, model_name=model_name, input_bucket=input_bucket, output_bucket=output_bucket,
+        kms_key_arn=kms_key_arn, instance_type=instance_type, instance_count=instance_count,
+        max_concurrent_transforms=max_concurrent,
     )
-    s3 = aws.client("s3", region_name=region)
-    sagemaker = aws.client("sagemaker", region_name=region)
-    manifest = batch.stage_corpus(
+    jobs = BatchJobs(settings, region_name=region)
+    run = jobs.submit(
         input_file,
-        input_bucket=settings.input_bucket,
-        output_bucket=settings.output_bucket,
-        s3=s3,
-        records_per_part=records_per_part,
         task=task.value,
         dimensions=dimensions,
         embedding_type=embedding_type.value,
+        records_per_part=records_per_part,
+        payload_mb=payload_mb,
     )
-    job = batch.submit(manifest, settings, sagemaker=sagemaker, s3=s3, payload_mb=payload_mb)
+    manifest = run.manifest
     typer.echo(f"staged {manifest.records:,} records in {len(manifest.parts)} parts under {manifest.run_uri}", err=True)
-    typer.echo(job)
+    typer.echo(run.job)
     if wait:
-        batch.wait(job, sagemaker=sagemaker, s3=s3, manifest=manifest)
-        typer.echo(f"{job}: Completed", err=True)
+        jobs.wait(run.job, manifest=manifest)
+        typer.echo(f"{run.job}: Completed", err=True)
 
 
 @batch_app.command("status")
@@ -297,14 +297,7 @@ def batch_status(
     region: Region = None,
 ) -> None:
     """Show a transform job's status and how many parts have outputs."""
-    sagemaker = aws.client("sagemaker", region_name=region)
-    s3 = aws.client("s3", region_name=region)
-    description = batch.describe(job, sagemaker=sagemaker)
-    manifest = batch.Manifest.load(batch.run_uri_of(description), s3)
-    line = f"{job}: {description['TransformJobStatus']}, {batch.parts_done(manifest, s3)}/{len(manifest.parts)} parts"
-    if description.get("FailureReason"):
-        line += f" ({description['FailureReason']})"
-    typer.echo(line)
+    typer.echo(str(BatchJobs(region_name=region).status(job)))
 
 
 @batch_app.command("fetch")
@@ -315,16 +308,13 @@ def batch_fetch(
     region: Region = None,
 ) -> None:
     """Collect a job's outputs into files aligned with the input."""
-    s3 = aws.client("s3", region_name=region)
-    manifest = batch.manifest_of_job(job, sagemaker=aws.client("sagemaker", region_name=region), s3=s3)
-    result = batch.collect(manifest, s3=s3, progress=True)
-    result.save(output)
+    result = BatchJobs(region_name=region).collect(job, output=output)
     typer.echo(
-        f"{manifest.records:,} records → {output}: {int(result.valid.sum()):,} embedded, "
+        f"{len(result.ids):,} records → {output}: {int(result.valid.sum()):,} embedded, "
         f"{len(result.errors):,} error records, {len(result.missing_parts)} parts without complete output"
     )
     if result.missing_parts:
-        raise batch.BatchJobError(
+        raise BatchJobError(
             f"{len(result.missing_parts)} parts have no complete output ({', '.join(result.missing_parts[:5])}); "
             f"`jv3 batch rerun {job}` re-runs them"
         )
@@ -334,31 +324,16 @@ def batch_fetch(
 @domain_errors
 def batch_rerun(
     job: Annotated[str, typer.Argument(help="A transform job of the run.")],
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to finish.")] = False,
+    wait: Wait = False,
     region: Region = None,
 ) -> None:
-    """Re-run only the parts whose outputs are missing or hold error records."""
-    sagemaker = aws.client("sagemaker", region_name=region)
-    s3 = aws.client("s3", region_name=region)
-    description = batch.describe(job, sagemaker=sagemaker)
-    manifest = batch.Manifest.load(batch.run_uri_of(description), s3)
-    failed = batch.failed_parts(manifest, s3=s3)
-    input_bucket, _ = aws.split_s3_uri(manifest.run_uri)
-    output_bucket, _ = aws.split_s3_uri(manifest.output_uri)
-    resources = description["TransformResources"]
-    settings = batch.JobSettings(
-        model_name=description["ModelName"],
-        input_bucket=input_bucket,
-        output_bucket=output_bucket,
-        instance_type=resources["InstanceType"],
-        instance_count=resources["InstanceCount"],
-        max_concurrent_transforms=description.get("MaxConcurrentTransforms", 1),
-    )
-    new_job = batch.submit(manifest, settings, sagemaker=sagemaker, s3=s3, parts=failed)
-    typer.echo(f"re-running {len(failed)} of {len(manifest.parts)} parts", err=True)
-    typer.echo(new_job)
+    """Re-run only the parts whose outputs are missing or hold error records, with the job's settings."""
+    jobs = BatchJobs(region_name=region)
+    run = jobs.rerun(job)
+    typer.echo(f"re-running {len(run.parts)} of {len(run.manifest.parts)} parts", err=True)
+    typer.echo(run.job)
     if wait:
-        batch.wait(new_job, sagemaker=sagemaker, s3=s3, manifest=manifest)
+        jobs.wait(run.job, manifest=run.manifest)
 
 
 @batch_app.command("local")
@@ -383,7 +358,7 @@ def batch_local(
 ) -> None:
     """Rehearse a transform job on this machine: start the local endpoint, send the corpus in
     MultiRecord mini-batches, write <output>/<input-name>.out atomically, print a summary."""
-    summary = batch.run_local(
+    summary = run_local(
         model_dir,
         input_file,
         output,

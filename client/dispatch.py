@@ -55,7 +55,6 @@ class Dispatched:
 
     done: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
     failed: list[tuple[int, int, BaseException]] = field(default_factory=list)
-    requests: int = 0
 
 
 def concerns_the_call(exc: BaseException) -> bool:
@@ -96,7 +95,6 @@ def dispatch(
     def fill() -> None:
         while waiting and len(pending) < workers:
             start, stop = waiting.popleft()
-            result.requests += 1
             pending[pool.submit(send, start, stop, stopped, deadline_at)] = (start, stop)
 
     def give_up(error: BaseException) -> None:

@@ -39,7 +39,6 @@ class LocalEndpoint:
         python: str = sys.executable,
         cwd: str | os.PathLike | None = None,
         startup_timeout: float = 180.0,
-        extra_args: tuple[str, ...] = (),
     ):
         self.model_dir = Path(model_dir)
         self.port = port or free_port()
@@ -47,7 +46,6 @@ class LocalEndpoint:
         self.python = python
         self.cwd = cwd
         self.startup_timeout = startup_timeout
-        self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
         self._log = None
 
@@ -59,10 +57,7 @@ class LocalEndpoint:
         if not self.model_dir.is_dir():
             raise ClientError(f"model directory {str(self.model_dir)!r} does not exist")
         self._log = tempfile.NamedTemporaryFile(prefix="jv3-serve-", suffix=".log", delete=False)
-        command = [
-            self.python, "-m", "inference.serve", "--model-dir", str(self.model_dir), "--port", str(self.port),
-            *self.extra_args,
-        ]
+        command = [self.python, "-m", "inference.serve", "--model-dir", str(self.model_dir), "--port", str(self.port)]
         self.process = subprocess.Popen(
             command,
             stdout=self._log,

@@ -32,27 +32,20 @@ import threading
 import time
 from collections.abc import Sequence
 
-import botocore.exceptions
 import numpy as np
 from tqdm.auto import tqdm
 
 from . import aws
 from .dispatch import Abandoned, dispatch
-from .errors import (
-    BadResponse,
-    ClientError,
-    EndpointTimeout,
-    EndpointUnavailable,
-    InvalidArgument,
-    PartialFailure,
-)
+from .errors import BadResponse, EndpointTimeout, InvalidArgument, PartialFailure
+from .invoke import invoke
 from .retry import RetryPolicy
 from .wire import (
-    CONTENT_TYPE,
+    DEFAULT_TASK,
     MAX_REQUEST_BYTES,
     MAX_RESPONSE_BYTES,
     EmbedParams,
-    error_from_botocore,
+    no_vectors,
     output_dtype,
     output_width,
     parse_response,
@@ -61,8 +54,6 @@ from .wire import (
     validate_params,
     validate_texts,
 )
-
-DEFAULT_TASK = "text-matching"
 
 
 class EmbeddingClient:
@@ -163,7 +154,7 @@ class EmbeddingClient:
             truncate=truncate,
         )
         if not texts:
-            return np.empty((0, output_width(params.dimensions, embedding_type)), dtype=output_dtype(embedding_type))
+            return no_vectors(params.dimensions, embedding_type)
         ranges = plan_requests(
             texts,
             params,
@@ -191,11 +182,12 @@ class EmbeddingClient:
         return _assemble(len(texts), params, outcome.done, outcome.failed)
 
     def embed_documents(self, texts: Sequence[str], *, dimensions: int | None = None) -> list[list[float]]:
-        """LangChain's ``Embeddings.embed_documents``: passages for retrieval, as lists of floats."""
+        """Passages for retrieval (task ``retrieval.passage``), as lists of floats: LangChain's
+        ``embed_documents`` (``client.langchain`` wraps this client as LangChain ``Embeddings``)."""
         return self.embed(texts, task="retrieval.passage", dimensions=dimensions).tolist()
 
     def embed_query(self, text: str, *, dimensions: int | None = None) -> list[float]:
-        """LangChain's ``Embeddings.embed_query``: one search query, as a list of floats."""
+        """One search query (task ``retrieval.query``), as a list of floats: LangChain's ``embed_query``."""
         if not isinstance(text, str):
             raise InvalidArgument(f"query must be a string, got {type(text).__name__}")
         return self.embed([text], task="retrieval.query", dimensions=dimensions)[0].tolist()
@@ -215,7 +207,7 @@ class EmbeddingClient:
         def attempt() -> bytes:
             if stopped is not None and stopped.is_set():
                 raise Abandoned()
-            return self._invoke(body)
+            return invoke(self.runtime, self.endpoint_name, body, target_variant=self.target_variant)
 
         # a timeout is not re-sent as it was: dispatch splits it (or fails it, at one text)
         raw = self.retry.call(
@@ -227,31 +219,6 @@ class EmbeddingClient:
         return parse_response(
             raw, expected=len(texts), embedding_type=params.embedding_type, dimensions=params.dimensions
         )
-
-    def _invoke(self, body: bytes) -> bytes:
-        kwargs = {
-            "EndpointName": self.endpoint_name,
-            "Body": body,
-            "ContentType": CONTENT_TYPE,
-            "Accept": CONTENT_TYPE,
-        }
-        if self.target_variant:
-            kwargs["TargetVariant"] = self.target_variant
-        try:
-            response = self.runtime.invoke_endpoint(**kwargs)
-            return response["Body"].read()
-        except botocore.exceptions.ClientError as exc:
-            raise error_from_botocore(exc) from exc
-        except botocore.exceptions.ReadTimeoutError as exc:
-            raise EndpointTimeout(f"no answer from endpoint {self.endpoint_name!r} in time: {exc}") from exc
-        except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as exc:
-            raise EndpointUnavailable(f"cannot reach endpoint {self.endpoint_name!r}: {exc}") from exc
-        except botocore.exceptions.NoCredentialsError as exc:
-            raise ClientError(
-                "no AWS credentials found; configure them (aws configure, AWS_PROFILE) or pass endpoint_url "
-                "for a local endpoint"
-            ) from exc
-
 
 def _assemble(
     n: int,

@@ -57,6 +57,3 @@ class RetryPolicy:
                     raise
                 self.sleep(pause)
                 attempt += 1
-
-
-NO_RETRY = RetryPolicy(max_attempts=1)

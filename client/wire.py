@@ -10,7 +10,7 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +38,10 @@ MAX_DIMENSIONS = 1024
 MAX_REQUEST_BYTES = 6_000_000
 MAX_RESPONSE_BYTES = 6_000_000
 CONTENT_TYPE = "application/json"
+DEFAULT_TASK = "text-matching"
+# Bytes of one response item around its embedding: {"index":123456,"id":...,"embedding":...}; a JSON
+# Lines record of a transform job also carries "tokens" (``client.batch``).
+RESPONSE_ITEM_OVERHEAD = 64
 
 _COMMA = 1
 _ENVELOPE_SLACK = 16  # "{"data":[" … "]," … "}" beyond the parameters object
@@ -77,22 +81,38 @@ def validate_params(
     truncate: bool = True,
 ) -> EmbedParams:
     """Refuse bad arguments with a message naming the value and the valid choices."""
-    if task not in TASKS:
-        raise InvalidArgument(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    if dimensions is not None:
-        if isinstance(dimensions, bool) or not isinstance(dimensions, (int, np.integer)):
-            raise InvalidArgument(f"dimensions must be an integer from 1 to {MAX_DIMENSIONS}, got {dimensions!r}")
-        if not 1 <= dimensions <= MAX_DIMENSIONS:
-            raise InvalidArgument(f"dimensions {dimensions} is out of range; expected 1 to {MAX_DIMENSIONS}")
-        dimensions = int(dimensions)
-    if embedding_type not in EMBEDDING_TYPES:
-        raise InvalidArgument(
-            f"unknown embedding_type {embedding_type!r}; expected one of {', '.join(EMBEDDING_TYPES)}"
-        )
+    check_task(task)
+    dimensions = check_dimensions(dimensions)
+    check_embedding_type(embedding_type)
     for name, value in (("late_chunking", late_chunking), ("normalized", normalized), ("truncate", truncate)):
         if not isinstance(value, bool):
             raise InvalidArgument(f"{name} must be True or False, got {value!r}")
     return EmbedParams(task, dimensions, late_chunking, normalized, embedding_type, truncate)
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise InvalidArgument(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    return task
+
+
+def check_dimensions(dimensions: int | None) -> int | None:
+    """``dimensions`` as an int (None stays None), or ``InvalidArgument`` naming the valid range."""
+    if dimensions is None:
+        return None
+    if isinstance(dimensions, bool) or not isinstance(dimensions, (int, np.integer)):
+        raise InvalidArgument(f"dimensions must be an integer from 1 to {MAX_DIMENSIONS}, got {dimensions!r}")
+    if not 1 <= dimensions <= MAX_DIMENSIONS:
+        raise InvalidArgument(f"dimensions {dimensions} is out of range; expected 1 to {MAX_DIMENSIONS}")
+    return int(dimensions)
+
+
+def check_embedding_type(embedding_type: str) -> str:
+    if embedding_type not in EMBEDDING_TYPES:
+        raise InvalidArgument(
+            f"unknown embedding_type {embedding_type!r}; expected one of {', '.join(EMBEDDING_TYPES)}"
+        )
+    return embedding_type
 
 
 def validate_texts(texts: Sequence[str]) -> list[str]:
@@ -122,17 +142,18 @@ def request_body(texts: Sequence[str], params: EmbedParams) -> bytes:
     return dumps({"data": [{"text": t} for t in texts], "parameters": params.to_wire()})
 
 
-def response_bytes_per_text(params: EmbedParams) -> int:
-    """A generous estimate of one ``data`` item of the response (the container's float formatting
-    is its own business, so assume the longest float32 repr: ~24 characters with sign, exponent
-    and comma)."""
-    d = params.dimensions or MAX_DIMENSIONS
-    per_item = 64  # {"index":123456,"id":...,"embedding":...}
-    if params.embedding_type == "float":
-        return per_item + 24 * d
-    if params.embedding_type == "base64":
-        return per_item + 4 * math.ceil(4 * d / 3)
-    return per_item + 5 * math.ceil(d / 8)  # "-128,"
+def response_bytes_per_item(
+    dimensions: int | None, embedding_type: str, *, overhead: int = RESPONSE_ITEM_OVERHEAD
+) -> int:
+    """A generous estimate of one response item (a ``data`` item, or a transform job's JSON Lines
+    record with a larger ``overhead``). The container's float formatting is its own business, so
+    assume the longest float32 repr: ~24 characters with sign, exponent and comma."""
+    d = dimensions or MAX_DIMENSIONS
+    if embedding_type == "float":
+        return overhead + 24 * d
+    if embedding_type == "base64":
+        return overhead + 4 * math.ceil(4 * d / 3)
+    return overhead + 5 * math.ceil(d / 8)  # "-128,"
 
 
 def plan_requests(
@@ -161,7 +182,7 @@ def plan_requests(
                 "chunks per call (one document per call)"
             )
         return [(0, len(texts))] if texts else []
-    per_response = max(1, (max_response_bytes - 256) // response_bytes_per_text(params))
+    per_response = max(1, (max_response_bytes - 256) // response_bytes_per_item(params.dimensions, params.embedding_type))
     limit = max(1, min(max_batch_size, per_response))
     ranges: list[tuple[int, int]] = []
     start, used = 0, overhead
@@ -203,8 +224,7 @@ def decode_embedding(value, embedding_type: str) -> np.ndarray:
             raise BadResponse(f"a base64 embedding holds {len(raw)} bytes, not a whole number of float32 values")
         array = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     else:
-        if embedding_type not in ("float", *_INTEGER_RANGE):
-            raise InvalidArgument(f"unknown embedding_type {embedding_type!r}; expected one of {', '.join(EMBEDDING_TYPES)}")
+        check_embedding_type(embedding_type)  # base64 is handled above
         if not isinstance(value, list):
             raise BadResponse(f"a {embedding_type} embedding must be a list of numbers, got {type(value).__name__} {_short(value)}")
         try:
@@ -309,6 +329,11 @@ def output_dtype(embedding_type: str) -> np.dtype:
     return np.dtype({"float": np.float32, "base64": np.float32, "binary": np.int8, "ubinary": np.uint8}[embedding_type])
 
 
+def no_vectors(dimensions: int | None, embedding_type: str) -> np.ndarray:
+    """The result of embedding no texts: shape (0, d), the dtype of ``embedding_type``."""
+    return np.empty((0, output_width(dimensions, embedding_type)), dtype=output_dtype(embedding_type))
+
+
 def output_width(dimensions: int | None, embedding_type: str) -> int:
     """Columns of the result when it is known up front (0 when the endpoint decides)."""
     if dimensions is None:
@@ -370,8 +395,3 @@ def error_from_botocore(exc) -> EndpointError:
 def _short(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def chunks(seq: Sequence, ranges: Sequence[tuple[int, int]]) -> Iterator[Sequence]:
-    for start, stop in ranges:
-        yield seq[start:stop]

@@ -85,3 +85,17 @@ def test_polling_gives_up_after_the_timeout(aws, sleeps):
     with pytest.raises(WaitTimeout, match="1 of 1 async requests unanswered after 10 s"):
         client.result(invocations, timeout=10)
     assert sleeps.calls[:4] == [1.0, 1.5, 2.25, 3.375] and max(sleeps.calls) == 4.0
+
+
+def test_the_runtime_errors_of_invoke_endpoint_async_are_those_of_real_time(aws, sleeps):
+    from botocore.stub import Stubber
+
+    from client import EndpointNotFound
+
+    _, runtime = aws
+    with Stubber(runtime) as stubber:
+        stubber.add_client_error("invoke_endpoint_async", "ThrottlingException", "Rate exceeded", 400)
+        stubber.add_client_error("invoke_endpoint_async", "ValidationError", "Endpoint jv3-async of account 1 not found.", 400)
+        with pytest.raises(EndpointNotFound, match="not found"):
+            make(aws, sleeps).submit(["a"])
+    assert len(sleeps.calls) == 1  # the throttling was retried, the unknown endpoint was not

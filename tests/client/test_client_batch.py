@@ -241,3 +241,59 @@ def test_job_settings_come_from_the_stack_outputs(aws_env):
             batch.JobSettings.from_stack("bare", cloudformation=cfn)
         with pytest.raises(InvalidArgument, match="cannot read stack 'missing': Stack with id missing does not exist"):
             batch.JobSettings.from_stack("missing", cloudformation=cfn)
+
+
+def test_batch_jobs_is_the_whole_life_of_a_run_in_one_object(aws, corpus, tmp_path):
+    s3, sagemaker = aws
+    jobs = batch.BatchJobs(SETTINGS, s3=s3, sagemaker=sagemaker, progress=False, sleep=lambda _: None)
+    # submit: staged parts and a job over all of them
+    run = jobs.submit(corpus, task="retrieval.passage", dimensions=8, records_per_part=10, run_name="run1")
+    assert run.job == "run1" and [p.name for p in run.parts] == [f"part-0000{i}.jsonl" for i in range(3)]
+    assert jobs.wait(run.job)["TransformJobStatus"] == "Completed"
+    assert str(jobs.status(run.job)) == "run1: Completed, 0/3 parts"
+    # collect: what there is, aligned, saved; rerun: only the parts without complete output
+    write_outputs(s3, run.manifest, skip={"part-00002.jsonl"})
+    assert str(jobs.status(run.job)) == "run1: Completed, 2/3 parts"
+    result = jobs.collect(run.job, output=tmp_path / "out")
+    assert result.missing_parts == ["part-00002.jsonl"] and int(result.valid.sum()) == 20
+    assert np.load(tmp_path / "out" / "embeddings.npy").shape == (25, 8)
+    again = jobs.rerun(run.job)
+    assert [p.name for p in again.parts] == ["part-00002.jsonl"] and again.manifest.jobs == ["run1", again.job]
+    rerun_request = batch.describe(again.job, sagemaker=sagemaker)
+    assert rerun_request["TransformResources"] == {"InstanceType": "ml.g5.xlarge", "InstanceCount": 2}
+    write_outputs(s3, run.manifest)
+    assert jobs.collect(again.job).complete  # a re-run's name reads the same run
+    with pytest.raises(InvalidArgument, match="no parts to re-run"):
+        jobs.rerun(again.job)
+    with pytest.raises(InvalidArgument, match="submitting a job needs JobSettings"):
+        batch.BatchJobs(s3=s3, sagemaker=sagemaker).submit(corpus)
+
+
+def test_s3_uris_are_read_and_built_in_one_place(aws):
+    from client import aws as client_aws
+
+    s3, _ = aws
+    assert client_aws.join_s3_uri("s3://b/run/", "parts", "x.jsonl") == "s3://b/run/parts/x.jsonl"
+    assert client_aws.join_s3_uri("s3://b", "x") == client_aws.join_s3_uri("s3://b/", "x") == "s3://b/x"
+    with pytest.raises(InvalidArgument, match="expected an s3://bucket/key URI"):
+        client_aws.split_s3_uri("https://b/x")
+    client_aws.put_s3_object(s3, "s3://jv3-in/a/b.json", b"{}", "application/json")
+    assert client_aws.read_s3_object(s3, "s3://jv3-in/a/b.json") == b"{}"
+    assert client_aws.read_s3_object(s3, "s3://jv3-in/a/missing.json") is None
+    manifest = batch.Manifest("s3://jv3-in/jv3-batch/r", "s3://jv3-out/jv3-batch/r", "c", [batch.Part("p.jsonl", 1, 0, 9, 9)])
+    assert manifest.parts_uri == "s3://jv3-in/jv3-batch/r/parts/"
+    assert manifest.output_key(manifest.parts[0]) == ("jv3-out", "jv3-batch/r/p.jsonl.out")
+    with pytest.raises(BatchJobError, match="cannot read the run manifest s3://jv3-in/nothing/manifest.json"):
+        batch.Manifest.load("s3://jv3-in/nothing", s3)
+
+
+def test_batch_jobs_from_the_stack_builds_the_settings_once(aws_env):
+    cfn = boto3.client("cloudformation", region_name="us-east-1")
+    outputs = [{"OutputKey": name, "OutputValue": f"value-of-{name}"} for name in batch.STACK_OUTPUTS.values()]
+    with Stubber(cfn) as stubber:
+        stubber.add_response("describe_stacks", {"Stacks": [{"StackName": "jv3", "CreationTime": "2025-01-01T00:00:00Z",
+                                                             "StackStatus": "CREATE_COMPLETE", "Outputs": outputs}]})
+        jobs = batch.BatchJobs.from_stack("jv3", cloudformation=cfn, instance_count=3, progress=False)
+    assert (jobs.settings.model_name, jobs.settings.kms_key_arn, jobs.settings.instance_count) == (
+        "value-of-BatchModelName", "value-of-KmsKeyArn", 3)
+    assert jobs.progress is False

@@ -30,12 +30,25 @@ def test_importing_the_client_does_not_import_torch_transformers_or_cdk():
     assert out.strip() == "[]"
 
 
+def test_the_client_imports_without_langchain_and_says_how_to_get_it():
+    code = (
+        "import sys\n"
+        "sys.modules['langchain_core'] = None  # as if langchain-core were not installed\n"
+        "import client, client.cli, client.batch\n"
+        "try:\n"
+        "    import client.langchain\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'jina-v3-sagemaker[langchain]'" in out
+
+
 def test_all_lists_the_public_surface():
     import client
 
-    assert {"EmbeddingClient", "AsyncEmbeddingClient", "ClientError", "InvalidArgument", "EndpointError"} <= set(
-        client.__all__
-    )
+    assert {"EmbeddingClient", "AsyncEmbeddingClient", "BatchJobs", "ClientError", "InvalidArgument", "EndpointError",
+            "BadResponse", "PartialFailure", "DeadlineExceeded", "split_lines"} <= set(client.__all__)
     assert all(hasattr(client, name) for name in client.__all__)
     assert issubclass(client.ThrottledError, client.EndpointError) and issubclass(client.EndpointError, client.ClientError)
 
@@ -132,3 +145,28 @@ def test_batch_submit_without_settings_names_what_is_missing(aws_env, tmp_path):
     result = runner.invoke(app, ["batch", "submit", str(tmp_path / "c.txt")], env={"JV3_STACK_NAME": ""})
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: pass --stack, or all of --model-name, --input-bucket, --output-bucket"
+
+
+def test_batch_rerun_keeps_the_settings_of_the_job_kms_key_included(aws_env, tmp_path):
+    # the bug: rerun rebuilt the settings from a few fields of the job and dropped the outputs' KMS key
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"doc {i}\n" for i in range(4)))
+    key = "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-3333-4444-555555555555"
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="jv3-in")
+        s3.create_bucket(Bucket="jv3-out")
+        env = {"JV3_MODEL_NAME": "m", "JV3_INPUT_BUCKET": "jv3-in", "JV3_OUTPUT_BUCKET": "jv3-out", "JV3_KMS_KEY_ARN": key}
+        submitted = runner.invoke(app, ["batch", "submit", str(corpus), "--records-per-part", "2",
+                                        "--instance-type", "ml.g4dn.xlarge", "--instance-count", "2"], env=env)
+        assert submitted.exit_code == 0, submitted.output
+        rerun = runner.invoke(app, ["batch", "rerun", submitted.stdout.strip()], env={"JV3_KMS_KEY_ARN": ""})
+        assert rerun.exit_code == 0, rerun.output
+        sagemaker = boto3.client("sagemaker", region_name="us-east-1")
+        first, again = (sagemaker.describe_transform_job(TransformJobName=name)
+                        for name in (submitted.stdout.strip(), rerun.stdout.strip()))
+    assert first["TransformOutput"]["KmsKeyId"] == key
+    assert again["TransformOutput"] == first["TransformOutput"]
+    for field in ("ModelName", "TransformResources", "MaxConcurrentTransforms", "Environment"):
+        assert again[field] == first[field], field
+    assert again["TransformInput"]["DataSource"]["S3DataSource"]["S3DataType"] == "ManifestFile"

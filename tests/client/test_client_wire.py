@@ -112,7 +112,7 @@ def test_plan_respects_the_count_limit():
 def test_plan_keeps_the_expected_response_under_its_limit():
     # full-size float vectors are ~24 kB of JSON each: 6 MB holds a few hundred
     ranges = wire.plan_requests(["x"] * 1000, params(), max_batch_size=1000)
-    per_text = wire.response_bytes_per_text(params())
+    per_text = wire.response_bytes_per_item(None, "float")
     assert len(ranges) > 1
     assert max(b - a for a, b in ranges) * per_text <= wire.MAX_RESPONSE_BYTES
     # binary vectors are 128 bytes: the same texts fit in one request
