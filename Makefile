@@ -32,7 +32,7 @@ test-containers: setup ## Only the archive in the DLC's serving stack and the BY
 	$(PY) -m pytest tests/containers -s $(PYTEST_ARGS)
 
 lint: setup ## ruff over the code, hadolint over the Dockerfile
-	$(VENV)/bin/ruff check inference model_package client infra tests bench
+	$(VENV)/bin/ruff check inference model_package jv3 infra tests bench
 	$(VENV)/bin/hadolint Dockerfile
 
 package: setup ## Build model.tar.gz from CHECKPOINT

@@ -7,7 +7,7 @@ concurrency:
 - raw: pre-built request bodies POSTed straight to ``/invocations`` (the endpoint's own throughput);
 - client: ``EmbeddingClient.embed`` through boto3 (validation, size-aware splitting, SigV4, JSON
   decoding to numpy, reordering).
-The ratio client/raw is the share of the endpoint's speed the client keeps. Writes
+The ratio jv3/raw is the share of the endpoint's speed the client keeps. Writes
 bench/RESULTS-client.md.
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from client import EmbeddingClient
-from client.aws import runtime_client
-from client.local import LocalEndpoint
-from client.wire import parse_response, plan_requests, request_body, validate_params
+from jv3 import EmbeddingClient
+from jv3.aws import runtime_client
+from jv3.local import LocalEndpoint
+from jv3.wire import parse_response, plan_requests, request_body, validate_params
 
 RESULTS = Path(__file__).with_name("RESULTS-client.md")
 

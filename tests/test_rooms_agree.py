@@ -1,11 +1,11 @@
-"""client/, infra/ and inference/ share no code (they meet over HTTP and environment variables), so the
+"""jv3/, infra/ and inference/ share no code (they meet over HTTP and environment variables), so the
 few names and limits each must know are written in each room once; here they are held equal."""
 
 from __future__ import annotations
 
-from client import wire
 from inference import settings
 from infra import config
+from jv3 import wire
 
 
 def test_task_and_encoding_names_agree():

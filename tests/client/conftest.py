@@ -7,7 +7,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from client.retry import RetryPolicy
+from jv3.retry import RetryPolicy
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def local_endpoint():
 
     if not (REPO / "inference" / "serve.py").is_file():
         pytest.skip("inference/serve.py is absent: the local endpoint is not written yet")
-    from client.local import LocalEndpoint
+    from jv3.local import LocalEndpoint
 
     endpoint = LocalEndpoint(TINY, env={"JV3_MAX_SEQ_LENGTH": "256", "JV3_LOG_LEVEL": "WARNING"}, cwd=REPO)
     with endpoint:

@@ -12,7 +12,7 @@ import requests
 from client_support import contract
 from moto import mock_aws
 
-from client import AsyncEmbeddingClient, AsyncInferenceError, WaitTimeout
+from jv3 import AsyncEmbeddingClient, AsyncInferenceError, WaitTimeout
 
 RESULTS_API = "http://motoapi.amazonaws.com/moto-api/static/sagemaker/async-endpoint-results"
 
@@ -90,7 +90,7 @@ def test_polling_gives_up_after_the_timeout(aws, sleeps):
 def test_the_runtime_errors_of_invoke_endpoint_async_are_those_of_real_time(aws, sleeps):
     from botocore.stub import Stubber
 
-    from client import EndpointNotFound
+    from jv3 import EndpointNotFound
 
     _, runtime = aws
     with Stubber(runtime) as stubber:

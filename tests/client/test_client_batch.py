@@ -11,8 +11,8 @@ import pytest
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from client import batch
-from client.errors import BatchJobError, InvalidArgument
+from jv3 import batch
+from jv3.errors import BatchJobError, InvalidArgument
 
 # ---- corpora -------------------------------------------------------------------------------------
 
@@ -270,7 +270,7 @@ def test_batch_jobs_is_the_whole_life_of_a_run_in_one_object(aws, corpus, tmp_pa
 
 
 def test_s3_uris_are_read_and_built_in_one_place(aws):
-    from client import aws as client_aws
+    from jv3 import aws as client_aws
 
     s3, _ = aws
     assert client_aws.join_s3_uri("s3://b/run/", "parts", "x.jsonl") == "s3://b/run/parts/x.jsonl"

@@ -14,15 +14,15 @@ from client_support import body, contract
 from moto import mock_aws
 from typer.testing import CliRunner
 
-from client import aws as client_aws
-from client.cli import app
+from jv3 import aws as client_aws
+from jv3.cli import app
 
 runner = CliRunner()
 
 
 def test_importing_the_client_does_not_import_torch_transformers_or_cdk():
     code = (
-        "import sys, client, client.cli, client.batch, client.local\n"
+        "import sys, jv3, jv3.cli, jv3.batch, jv3.local\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'aws_cdk', 'inference'))\n"
         "print(heavy)"
     )
@@ -34,9 +34,9 @@ def test_the_client_imports_without_langchain_and_says_how_to_get_it():
     code = (
         "import sys\n"
         "sys.modules['langchain_core'] = None  # as if langchain-core were not installed\n"
-        "import client, client.cli, client.batch\n"
+        "import jv3, jv3.cli, jv3.batch\n"
         "try:\n"
-        "    import client.langchain\n"
+        "    import jv3.langchain\n"
         "except ImportError as exc:\n"
         "    print(exc)\n"
     )
@@ -45,12 +45,12 @@ def test_the_client_imports_without_langchain_and_says_how_to_get_it():
 
 
 def test_all_lists_the_public_surface():
-    import client
+    import jv3
 
     assert {"EmbeddingClient", "AsyncEmbeddingClient", "BatchJobs", "ClientError", "InvalidArgument", "EndpointError",
-            "BadResponse", "PartialFailure", "DeadlineExceeded", "split_lines"} <= set(client.__all__)
-    assert all(hasattr(client, name) for name in client.__all__)
-    assert issubclass(client.ThrottledError, client.EndpointError) and issubclass(client.EndpointError, client.ClientError)
+            "BadResponse", "PartialFailure", "DeadlineExceeded", "split_lines"} <= set(jv3.__all__)
+    assert all(hasattr(jv3, name) for name in jv3.__all__)
+    assert issubclass(jv3.ThrottledError, jv3.EndpointError) and issubclass(jv3.EndpointError, jv3.ClientError)
 
 
 @pytest.mark.parametrize(
@@ -170,3 +170,28 @@ def test_batch_rerun_keeps_the_settings_of_the_job_kms_key_included(aws_env, tmp
     for field in ("ModelName", "TransformResources", "MaxConcurrentTransforms", "Environment"):
         assert again[field] == first[field], field
     assert again["TransformInput"]["DataSource"]["S3DataSource"]["S3DataType"] == "ManifestFile"
+
+
+def test_pip_installs_one_distinctive_namespace(tmp_path):
+    """GIVEN the project built as a wheel THEN it holds jv3 (typed) and its metadata, nothing generic
+    (no top-level `inference`, `infra`, `model_package` or `client` to clash with other distributions)."""
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+                    str(repo)], check=True, capture_output=True, cwd=tmp_path)  # fmt: skip
+    (wheel,) = tmp_path.glob("jina_v3_sagemaker-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"jv3", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    assert "jv3/py.typed" in names and "jv3/batch/__init__.py" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "jv3 = jv3.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_package_and_serve_outside_a_checkout_say_where_they_run(tmp_path):
+    """pip installs the client alone: `jv3 serve` elsewhere explains instead of a ModuleNotFoundError."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-m", "jv3.cli", "serve", "--model-dir", str(tmp_path)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1 and "from a checkout of the jina-v3-sagemaker repository" in done.stderr

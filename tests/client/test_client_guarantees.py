@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from fake_endpoint import HANG, FakeEndpoint, Reply, container_timeout, jina_ok, model_error, reply_json
 
-from client import (
+from jv3 import (
     BadResponse,
     DeadlineExceeded,
     EmbeddingClient,
@@ -24,7 +24,7 @@ from client import (
     ProtocolError,
     ServerError,
 )
-from client.retry import RetryPolicy
+from jv3.retry import RetryPolicy
 
 
 def number(text: str) -> float:
@@ -248,7 +248,7 @@ def test_past_the_deadline_the_answers_already_in_are_kept(aws_env, retry):
 
 
 def test_timeout_and_deadline_must_be_positive_seconds():
-    from client import InvalidArgument
+    from jv3 import InvalidArgument
 
     for bad_value in (0, -1, float("inf"), "5", True):
         with pytest.raises(InvalidArgument, match="must be a positive number of seconds or None"):
@@ -316,7 +316,7 @@ def test_an_endpoint_that_only_times_out_is_given_up_on(aws_env):
 def test_jv3_embed_timeout_and_deadline_options_bound_a_hung_endpoint(aws_env):
     from typer.testing import CliRunner
 
-    from client.cli import app
+    from jv3.cli import app
 
     with FakeEndpoint(lambda request: HANG) as fake:
         started = time.monotonic()
@@ -331,7 +331,7 @@ def test_jv3_embed_timeout_and_deadline_options_bound_a_hung_endpoint(aws_env):
 def test_sagemakers_own_invocation_timeout_is_an_endpoint_timeout():
     from botocore.exceptions import ClientError as BotoClientError
 
-    from client.wire import error_from_botocore
+    from jv3.wire import error_from_botocore
 
     message = ("Received server error (0) from primary with message \"Your invocation timed out while waiting for a "
                "response from container primary.\"")

@@ -15,8 +15,8 @@ pytest.importorskip("langchain_core")
 from langchain_core.embeddings import Embeddings  # noqa: E402
 from langchain_core.vectorstores import InMemoryVectorStore  # noqa: E402
 
-from client import EmbeddingClient, InvalidArgument  # noqa: E402
-from client.langchain import SageMakerJinaEmbeddings  # noqa: E402
+from jv3 import EmbeddingClient, InvalidArgument  # noqa: E402
+from jv3.langchain import SageMakerJinaEmbeddings  # noqa: E402
 
 DIMS = 32  # the tiny checkpoint is 64 wide: a Matryoshka size below it
 TEXTS = [
@@ -123,7 +123,7 @@ def test_the_readme_example_runs_against_the_local_endpoint(local_endpoint, clie
 
     readme = (REPO / "README.md").read_text()
     blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
-    (example,) = [b for b in blocks if "client.langchain" in b]
+    (example,) = [b for b in blocks if "jv3.langchain" in b]
     # the same code, pointed at the local endpoint and at a size the 64-wide tiny checkpoint has
     code = example.replace('"my-endpoint", dimensions=256', f'"local", endpoint_url={local_endpoint.url!r}, dimensions={DIMS}')
     assert code != example

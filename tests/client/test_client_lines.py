@@ -13,9 +13,9 @@ from fake_endpoint import FakeEndpoint, Reply, jina_ok
 from moto import mock_aws
 from typer.testing import CliRunner
 
-from client import batch
-from client.cli import app
-from client.lines import decode_lines, dumps_line, iter_lines, split_lines
+from jv3 import batch
+from jv3.cli import app
+from jv3.lines import decode_lines, dumps_line, iter_lines, split_lines
 
 runner = CliRunner()
 

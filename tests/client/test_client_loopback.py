@@ -10,8 +10,8 @@ import pytest
 from client_support import REPO, TINY
 from typer.testing import CliRunner
 
-from client import EmbeddingClient, InvalidRequestError, wire
-from client.cli import app
+from jv3 import EmbeddingClient, InvalidRequestError, wire
+from jv3.cli import app
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()

@@ -11,7 +11,7 @@ import pytest
 from botocore.stub import ANY
 from client_support import body, contract
 
-from client import (
+from jv3 import (
     CapacityError,
     EmbeddingClient,
     EndpointNotFound,
@@ -24,7 +24,7 @@ from client import (
     ServerError,
     ThrottledError,
 )
-from client.retry import RetryPolicy
+from jv3.retry import RetryPolicy
 
 OK = contract("jina-float.json")
 

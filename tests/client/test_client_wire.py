@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from client_support import contract
 
-from client import wire
-from client.errors import InvalidArgument, ProtocolError, RequestTooLarge
+from jv3 import wire
+from jv3.errors import InvalidArgument, ProtocolError, RequestTooLarge
 
 
 def params(**kw):

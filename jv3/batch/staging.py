@@ -4,7 +4,7 @@
 text, one document a line) as JSON Lines records with ids (missing ids become the record's 0-based
 position). A JSON Lines line that does not parse is passed on as it is, so the endpoint answers it
 with an error record and every output line still matches its input line. Lines end at ``\n`` only
-(``client.lines``): a form feed, U+2028 or a lone ``\r`` inside a text or an id is part of it, never
+(``jv3.lines``): a form feed, U+2028 or a lone ``\r`` inside a text or an id is part of it, never
 a record boundary, here and when outputs are read back.
 
 ``stage_corpus`` writes those lines to S3 as part files ``<run>/parts/part-00000.jsonl`` … and a

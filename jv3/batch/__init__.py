@@ -18,7 +18,7 @@
 
 ``rehearsal.run_local`` rehearses stages 2–4 against ``python -m inference.serve``: the same lines,
 split into MultiRecord payloads the way SageMaker splits them, one ``<input-name>.out`` written
-atomically. Lines end at ``\\n`` only everywhere (``client.lines``).
+atomically. Lines end at ``\\n`` only everywhere (``jv3.lines``).
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ class EmbeddingClient:
 
     def embed_documents(self, texts: Sequence[str], *, dimensions: int | None = None) -> list[list[float]]:
         """Passages for retrieval (task ``retrieval.passage``), as lists of floats: LangChain's
-        ``embed_documents`` (``client.langchain`` wraps this client as LangChain ``Embeddings``)."""
+        ``embed_documents`` (``jv3.langchain`` wraps this client as LangChain ``Embeddings``)."""
         return self.embed(texts, task="retrieval.passage", dimensions=dimensions).tolist()
 
     def embed_query(self, text: str, *, dimensions: int | None = None) -> list[float]:

@@ -1,12 +1,12 @@
 """Client of a jina-embeddings-v3 SageMaker endpoint: what application code installs.
 
-    from client import EmbeddingClient
+    from jv3 import EmbeddingClient
     vectors = EmbeddingClient("jv3-endpoint").embed(["hello", "world"], task="retrieval.passage")
 
 Only boto3, numpy, typer and tqdm are needed; nothing here imports torch or the CDK. Batch transform
-is ``BatchJobs`` (its stages live in ``client.batch``); the ``jv3`` command line is ``client.cli``;
-LangChain ``Embeddings`` are ``client.langchain.SageMakerJinaEmbeddings`` (the ``langchain`` extra,
-which ``import client`` does not need).
+is ``BatchJobs`` (its stages live in ``jv3.batch``); the ``jv3`` command line is ``jv3.cli``;
+LangChain ``Embeddings`` are ``jv3.langchain.SageMakerJinaEmbeddings`` (the ``langchain`` extra,
+which ``import jv3`` does not need).
 """
 
 from __future__ import annotations

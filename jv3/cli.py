@@ -1,7 +1,7 @@
 """``jv3``: embed texts, run batch transform jobs, package and serve the model.
 
 Commands are thin: they read options (each with ``--help`` text and, where it makes sense, an
-environment variable), call ``client``, and print. Errors of the domain (``client.errors``,
+environment variable), call ``client``, and print. Errors of the domain (``jv3.errors``,
 botocore's) are caught here only, printed as ``error: ...`` on stderr, and exit with status 1.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import importlib.util
 import io
 import json
 import subprocess
@@ -39,7 +40,7 @@ app.add_typer(batch_app, name="batch")
 
 
 def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
-    """A typer choice of ``values`` (the wire vocabulary, ``client.wire``): members named like the
+    """A typer choice of ``values`` (the wire vocabulary, ``jv3.wire``): members named like the
     values, with ``.`` and ``-`` as ``_``."""
     return StrEnum(name, [(v.replace(".", "_").replace("-", "_"), v) for v in values])
 
@@ -189,7 +190,7 @@ def _read_texts(texts: list[str] | None, file: Path | None) -> list[str]:
 
 
 def _decode_texts(raw: bytes, where: str) -> list[str]:
-    """One text per line by the one line rule (``client.lines``); a leading byte order mark is dropped."""
+    """One text per line by the one line rule (``jv3.lines``); a leading byte order mark is dropped."""
     try:
         return decode_lines(raw.removeprefix(b"\xef\xbb\xbf"), what=where)
     except ValueError as exc:
@@ -398,6 +399,11 @@ def serve(
 
 
 def _delegate(args: list[str]) -> None:
+    module = args[1].split(".")[0]
+    if importlib.util.find_spec(module) is None:  # pip installs jv3 alone; these run from a checkout
+        typer.echo(f"error: `python -m {args[1]}` is not importable here: run jv3 {module.replace('_', ' ').split()[-1]} "
+                   f"from a checkout of the jina-v3-sagemaker repository (pip installs only the jv3 client)", err=True)
+        raise typer.Exit(1)
     code = subprocess.call([sys.executable, *args])
     if code:
         raise typer.Exit(code)

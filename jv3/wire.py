@@ -1,5 +1,5 @@
 """The client's side of docs/wire-format.md: validate arguments, build and split request bodies,
-decode responses, and turn the runtime's errors into the tree of ``client.errors``.
+decode responses, and turn the runtime's errors into the tree of ``jv3.errors``.
 
 Nothing here does I/O, so every rule of the contract is testable without an endpoint.
 """
@@ -40,7 +40,7 @@ MAX_RESPONSE_BYTES = 6_000_000
 CONTENT_TYPE = "application/json"
 DEFAULT_TASK = "text-matching"
 # Bytes of one response item around its embedding: {"index":123456,"id":...,"embedding":...}; a JSON
-# Lines record of a transform job also carries "tokens" (``client.batch``).
+# Lines record of a transform job also carries "tokens" (``jv3.batch``).
 RESPONSE_ITEM_OVERHEAD = 64
 
 _COMMA = 1

@@ -1,7 +1,7 @@
 """jina-embeddings-v3 on SageMaker as LangChain ``Embeddings`` (``pip install 'jina-v3-sagemaker[langchain]'``).
 
     from langchain_core.vectorstores import InMemoryVectorStore
-    from client.langchain import SageMakerJinaEmbeddings
+    from jv3.langchain import SageMakerJinaEmbeddings
 
     embeddings = SageMakerJinaEmbeddings("my-endpoint", dimensions=256)
     store = InMemoryVectorStore(embeddings)
@@ -14,7 +14,7 @@ model's full size), through one ``EmbeddingClient``: its request splitting, retr
 ``PartialFailure`` apply unchanged. The async methods run the blocking client on a thread (the
 event loop's default executor, or ``executor``), so they never block the loop.
 
-Only this module needs ``langchain-core``; ``import client`` does not.
+Only this module needs ``langchain-core``; ``import jv3`` does not.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ try:
     from langchain_core.embeddings import Embeddings
 except ImportError as exc:  # pragma: no cover - exercised by the import-boundary test
     raise ImportError(
-        "client.langchain needs langchain-core: pip install 'jina-v3-sagemaker[langchain]' (or langchain-core)"
+        "jv3.langchain needs langchain-core: pip install 'jina-v3-sagemaker[langchain]' (or langchain-core)"
     ) from exc
 
 from .errors import InvalidArgument

@@ -1,6 +1,6 @@
 """The SageMaker runtime calls of both clients: ``invoke_endpoint`` (``EmbeddingClient``) and
 ``invoke_endpoint_async`` (``AsyncEmbeddingClient``), with every botocore failure turned into an error
-of ``client.errors`` in one place (``runtime_errors``):
+of ``jv3.errors`` in one place (``runtime_errors``):
 
 * an answer of the runtime (a container error, throttling, an unknown endpoint) is mapped by
   ``wire.error_from_botocore``;
@@ -22,7 +22,7 @@ from .wire import CONTENT_TYPE, error_from_botocore
 
 @contextmanager
 def runtime_errors(endpoint_name: str) -> Iterator[None]:
-    """Raise the ``client.errors`` error of a botocore failure inside the block."""
+    """Raise the ``jv3.errors`` error of a botocore failure inside the block."""
     try:
         yield
     except botocore.exceptions.ClientError as exc:

@@ -1,6 +1,6 @@
 """boto3 clients as the rest of ``client`` wants them.
 
-Retries are the client's own (``client.retry``), so clients built here switch botocore's off; an
+Retries are the client's own (``jv3.retry``), so clients built here switch botocore's off; an
 injected client keeps whatever its owner configured. ``endpoint_url`` points the runtime at a local
 endpoint (``python -m inference.serve``), which checks no signature: dummy credentials are used
 there when the environment has none, so no AWS account is needed.
