@@ -29,6 +29,7 @@ from one table and refuse any missing, unexpected or mis-shaped tensor by name.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -154,19 +155,141 @@ def read_config(model_dir: Path) -> dict:
         raise CheckpointError(f"{model_dir} has no config.json; is it a jina-embeddings-v3 checkpoint directory?")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size") if k not in config]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {_json_type(config)}; expected an object of model settings")
+    missing = [k for k in SIZES if k not in config]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+    _check_config(config, path)
     return config
+
+
+# The sizes the model is built from. JSON keeps 64.0 and "64" apart from 64, and 64.0 == 64 would pass
+# every shape comparison here only to fail inside transformers when the endpoint starts: whole numbers only.
+SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+OPTIONAL_SIZES = ("type_vocab_size", "max_position_embeddings", "lora_rank")
+# jina-embeddings-v3's own values, shown in messages as what a right value looks like
+EXAMPLES = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+            "vocab_size": 250002, "type_vocab_size": 1, "max_position_embeddings": 8194, "lora_rank": 4,
+            "rotary_emb_base": 20000.0, "rope_parameters.rope_theta": 20000.0, "layer_norm_eps": 1e-05}  # fmt: skip
+TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def _check_config(config: dict, path: Path) -> None:
+    """Types and ranges of every field the engine reads, each refused by name with its value."""
+    for key in SIZES:
+        _positive_int(config, key, path)
+    # A key that is present must be right: the loader reads config.get(key, default), and null is no default.
+    for key in OPTIONAL_SIZES:
+        if key in config:
+            _positive_int(config, key, path)
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    if hidden % heads:
+        divisors = ", ".join(str(d) for d in range(1, hidden + 1) if hidden % d == 0)
+        raise CheckpointError(f"{path}: num_attention_heads {heads} does not divide hidden_size {hidden}; expected one of {divisors}")
+    if (hidden // heads) % 2:  # rotary embeddings turn pairs of dimensions of each head
+        raise CheckpointError(f"{path}: hidden_size {hidden} / num_attention_heads {heads} = {hidden // heads} dimensions per head; expected an even number (rotary embeddings)")
+    for key in TOKEN_IDS:
+        value = config.get(key)
+        if key == "pad_token_id" and value is None:  # no padding id: transformers accepts it (the engine never pads)
+            continue
+        if key in config and not (_is_int(value) and 0 <= value < config["vocab_size"]):
+            raise CheckpointError(f"{path}: {key} {_show(value)}; expected an integer from 0 to vocab_size - 1 ({config['vocab_size'] - 1})")
+    if config.get("rotary_emb_base") is not None:  # null: the loader falls back to rope_parameters
+        _positive_number(config["rotary_emb_base"], "rotary_emb_base", path)
+    if "layer_norm_eps" in config:
+        _positive_number(config["layer_norm_eps"], "layer_norm_eps", path)
+    rope = config.get("rope_parameters")
+    if rope is not None:
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"{path}: rope_parameters {_show(rope)}; expected an object like {{\"rope_theta\": 20000.0}}")
+        if rope.get("rope_theta") is not None:
+            _positive_number(rope["rope_theta"], "rope_parameters.rope_theta", path)
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise CheckpointError(f"{path}: lora_alpha {_show(config['lora_alpha'])}; expected a number")
+    if "hidden_act" in config and not isinstance(config["hidden_act"], str):
+        raise CheckpointError(f"{path}: hidden_act {_show(config['hidden_act'])}; expected an activation name like \"gelu\"")
+    _check_tasks(config, path)
+
+
+def _check_tasks(config: dict, path: Path) -> None:
+    tasks = config.get("lora_adaptations")
+    if tasks is not None and not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
+        raise CheckpointError(f"{path}: lora_adaptations {_show(tasks)}; expected a list of task names, some of {', '.join(TASKS)}")
+    table = config.get("task_instructions")
+    if table is not None and not (isinstance(table, dict) and all(isinstance(v, str) for v in table.values())):
+        raise CheckpointError(
+            f"{path}: task_instructions {_show(table)}; expected an object of task name to the instruction "
+            f"prepended to its texts, e.g. {{\"retrieval.query\": \"Represent the query for retrieving evidence documents: \"}}"
+        )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to us
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _positive_int(config: dict, key: str, path: Path) -> None:
+    value = config[key]
+    if not _is_int(value) or value < 1:
+        hint = f" (write {int(value)})" if isinstance(value, float) and value.is_integer() and value >= 1 else ""
+        raise CheckpointError(f"{path}: {key} {_show(value)} is not a positive integer{hint}; expected a whole number such as {EXAMPLES[key]}")
+
+
+def _positive_number(value, key: str, path: Path) -> None:
+    if not _is_number(value) or value <= 0:
+        raise CheckpointError(f"{path}: {key} {_show(value)} is not a positive number; expected a number such as {EXAMPLES[key]}")
+
+
+def _show(value) -> str:
+    """A value as config.json spells it (so that "2" and 2 read differently), cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _json_type(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def check_tokenizer(model_dir: Path, config: dict) -> None:
+    """tokenizer.json parses and loads as a ``tokenizers.Tokenizer`` whose ids fit the embedding table.
+
+    Not part of the endpoint's load (which loads the tokenizer itself): the packager calls it, so that
+    a broken file fails the build, not the deployment."""
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / "tokenizer.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+        json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    try:
+        tokenizer = Tokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises a bare Exception with serde's message
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} is JSON but not a tokenizer ({reason}); expected the fast tokenizer file that "
+            f"tokenizers or transformers' save_pretrained writes"
+        ) from None
+    size, vocab = tokenizer.get_vocab_size(with_added_tokens=True), config["vocab_size"]
+    if size > vocab:
+        raise CheckpointError(f"{path} has {size} tokens but config.json vocab_size is {vocab}: ids from {vocab} on have no embedding")
 
 
 def weight_files(model_dir: Path) -> list[Path]:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index} is not a safetensors index ({type(exc).__name__}: {exc}); expected {{\"weight_map\": {{tensor: file}}}}") from None
         files = [model_dir / n for n in names]
     else:
         files = [model_dir / "model.safetensors"]
@@ -245,12 +368,18 @@ def adapter_dirs(model_dir: Path) -> dict[str, Path]:
 # Validation (headers only) and loading
 
 
-def validate_checkpoint(model_dir) -> dict:
-    """Check config, tokenizer, weight and adapter names/shapes without reading a tensor; raise CheckpointError."""
+def validate_checkpoint(model_dir, *, thorough: bool = False) -> dict:
+    """Check config, tokenizer, weight and adapter names/shapes (headers only); raise CheckpointError.
+
+    ``thorough`` (the packager's check) also loads tokenizer.json and reads every weight to see that
+    it is finite: seconds on the full model, worth it before an archive is shipped, not at each start.
+    """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{model_dir} has no tokenizer.json (the fast tokenizer file is required)")
+    if thorough:
+        check_tokenizer(model_dir, config)
     files = weight_files(model_dir)
     headers = _headers(files)
     layout = detect_layout(headers)
@@ -259,8 +388,13 @@ def validate_checkpoint(model_dir) -> dict:
     if layout == "released":
         tasks = tuple(config.get("lora_adaptations") or ())
         _check_released_lora(lora_shapes, config, len(tasks))
+        adapter_files = []
     else:
-        tasks = tuple(_hf_adapters(model_dir, config))
+        adapters = _hf_adapters(model_dir, config)
+        tasks = tuple(adapters)
+        adapter_files = [a.folder / "adapter_model.safetensors" for a in adapters.values()]
+    if thorough:
+        check_finite([*files, *adapter_files])
     dtypes = sorted({d for _, d, _ in headers.values()})
     return {
         "layout": layout,
@@ -271,6 +405,37 @@ def validate_checkpoint(model_dir) -> dict:
         "files": [p.name for p in files],
         "tensors": len(headers),
     }
+
+
+FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# isfinite's scratch (an abs() copy and three bool masks) is made per block of this many elements:
+# about 30 MB, where the whole embedding table at once would need 1.5 GB beside it.
+CHUNK_ELEMENTS = 4 << 20
+
+
+def check_finite(files: list[Path]) -> None:
+    """Refuse the first tensor holding a NaN or an infinity, by file and name.
+
+    All-NaN weights load and serve NaN vectors, so they are looked for before an archive is shipped.
+    Tensors are read one at a time (safetensors ``safe_open``, which maps the file rather than copying
+    it) and checked in blocks: the check needs a few tens of MB, whatever the checkpoint's size."""
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point() and not all(bool(torch.isfinite(b).all()) for b in _blocks(tensor)):
+                    nan = sum(int(torch.isnan(b).sum()) for b in _blocks(tensor))
+                    inf = sum(int(torch.isinf(b).sum()) for b in _blocks(tensor))
+                    raise CheckpointError(
+                        f"{path.name}: tensor {name} holds {nan} NaN and {inf} infinite value(s) of {tensor.numel()}; "
+                        f"expected finite weights (a diverged run or a broken conversion): re-export the checkpoint"
+                    )
+                del tensor  # before the next one is read
+
+
+def _blocks(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    for block in tensor.reshape(-1).split(CHUNK_ELEMENTS):  # views: safetensors tensors are contiguous
+        yield block if block.dtype in FLOATS else block.float()  # float8: isfinite is not implemented for it
 
 
 def _base_shapes(headers):
@@ -322,7 +487,7 @@ def _check_released_lora(lora_shapes: dict, config: dict, n_tasks: int) -> None:
             raise CheckpointError(
                 f"adapter of {module} holds {a[0]} tasks but config.json lora_adaptations names {n_tasks}"
             )
-        r = config.get("lora_rank", 4)
+        r = config.get("lora_rank", 4)  # read_config checked that it is a positive integer
         inner_a = a[2] if module in EMBEDDINGS else a[1]
         inner_b = b[1] if module in EMBEDDINGS else b[2]
         if inner_a != r or inner_b != r:

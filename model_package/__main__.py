@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .build import DEFAULT_PLATFORMS, DEFAULT_PYTHON, PackageError, build_package
+from .build import ALLOWED_NAMES, DEFAULT_PLATFORMS, DEFAULT_PYTHON, Interrupted, PackageError, build_package
 from .upload import upload
 
 
@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python-version", default=DEFAULT_PYTHON, help="the DLC's Python (default %(default)s)")
     parser.add_argument("--platform", action="append", help="wheel platform tag, repeatable (default: every manylinux tag of glibc 2.35, the DLC's Ubuntu 22.04)")
     parser.add_argument("--revision", help="Hub revision when --checkpoint is a Hub id")
+    parser.add_argument(
+        "--include", action="append", default=[], metavar="GLOB",
+        help="also pack the checkpoint files this glob matches (a path relative to the checkpoint, or a folder), "
+        f"repeatable; by default only what the endpoint reads is packed: {', '.join(ALLOWED_NAMES[:4])}, ..., "
+        "the safetensors weights (and their index) and the adapter folders",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         path = build_package(
@@ -33,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             python_version=args.python_version,
             platforms=tuple(args.platform or DEFAULT_PLATFORMS),
             revision=args.revision,
+            include=args.include,
+            notify=print,
         )
         print(f"wrote {path}")
         if args.upload:
@@ -40,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except PackageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Interrupted as stop:  # the build removed its staging folder and partial archive on the way out
+        print(f"error: {stop}; nothing was written to {args.output} and no temp file was left", file=sys.stderr)
+        return 128 + stop.signum
     return 0
 
 
