@@ -8,6 +8,8 @@ docs/wire-format.md is the contract. One ``Invocation`` sits between the two dir
 
 JSON formats (Jina, OpenAI, TEI) carry one request; record formats (JSON Lines, CSV) carry one
 request per line, so a bad line becomes an error record on its own line instead of failing the batch.
+One rule for keys in every JSON format: a key the format does not know is a 400 naming it (a typo must
+not fall back to a default), except the harmless ones clients add on their own (``model``, ``user``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import math
 import re
 import sys
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +45,16 @@ CONTENT_TYPES = {
 }
 ACCEPTS = (JSON, JSONLINES, CSV)
 JINA_PARAMETERS = ("task", "dimensions", "late_chunking", "embedding_type", "normalized", "truncate")
+# Keys each JSON format knows. `model` and `user` are what OpenAI-style clients add on their own (a model
+# name, an end-user id): accepted and ignored everywhere, but they must be strings.
+HARMLESS_KEYS = ("model", "user")
+JINA_ITEM_KEYS = ("text", "id")
+OPENAI_KEYS = ("input", *HARMLESS_KEYS, "encoding_format", "dimensions", "task", "late_chunking")
+TEI_KEYS = ("inputs", "normalize", "truncate", "dimensions", "task", *HARMLESS_KEYS, "encoding_format")
+# Jina's envelope is checked for keys that mean something somewhere else: a parameter written next to
+# 'data' instead of inside 'parameters' (as Jina's public API and OpenAI put them), or another format's
+# key. Other keys beside 'data' are the caller's own and ignored, as other keys of a JSON Lines record are.
+JINA_MISPLACED = tuple(dict.fromkeys((*JINA_PARAMETERS, *OPENAI_KEYS, *TEI_KEYS, "parameter", "params")))
 # A JSON string (escapes included) or one bracket: what the depth scan needs to see, found in C.
 # Linear by construction: the quantifiers are possessive (never give back, so no backtracking and no
 # backtrack stack) and the closing quote is optional, so a match that starts at a quote cannot fail;
@@ -124,9 +137,38 @@ def parse_request(
     text = text[1:] if text.startswith(_BOM) else text  # Windows editors start UTF-8 files with one
     if kind == CSV:
         return _parse_csv(text, check)
+    return _parse_json_object(_json_body(text), check)
+
+
+def parse_openai(
+    body: bytes | str, content_type: str | None, *, hidden_size: int, tasks: tuple[str, ...] = TASKS
+) -> Invocation:
+    """Parse the body of ``POST /v1/embeddings``: OpenAI's embeddings request, and only that.
+
+    The route is OpenAI's, so a Jina or TEI body sent there is refused by name instead of being
+    answered in another shape than the OpenAI client will parse.
+    """
+    if CONTENT_TYPES.get(media_type(content_type)) != JSON:
+        raise UnsupportedMediaType(
+            f"content type {content_type!r} is not supported on /v1/embeddings; send application/json",
+            field="content_type",
+        )
+    text = _decode(body)
+    obj = _json_body(text[1:] if text.startswith(_BOM) else text)
+    if not isinstance(obj, dict) or "input" not in obj:
+        found = f"keys {sorted(obj)[:8]}" if isinstance(obj, dict) else type(obj).__name__
+        raise InvalidRequest(
+            f"expected an OpenAI embeddings request, a JSON object with 'input', got {found}; "
+            f"Jina ('data') and TEI ('inputs') bodies go to POST /invocations",
+            field="input",
+        )
+    return Invocation("openai", [_Validator(hidden_size, tasks)(_openai(obj))])
+
+
+def _json_body(text: str):
     if not text.strip():
         raise InvalidRequest("empty request body; expected a JSON object", field="body")
-    return _parse_json_object(_loads(text), check)
+    return _loads(text)
 
 
 def _decode(body: bytes | str, offset: int = 0) -> str:
@@ -266,7 +308,42 @@ def _flag(obj: dict, name: str, default: bool) -> bool:
     return value
 
 
+def _known_keys(obj: dict, known: tuple[str, ...], where: str, prefix: str = "") -> None:
+    """The one rule for keys: refuse the first unknown ones by name; check the harmless ones' types."""
+    unknown = [key for key in obj if key not in known]
+    if unknown:
+        names = ", ".join(_short(key, 40) for key in unknown[:5])
+        raise InvalidRequest(
+            f"unknown key(s) {names} in {where}; expected some of {', '.join(known)}",
+            field=f"{prefix}{unknown[0]}",
+        )
+    for name in HARMLESS_KEYS:
+        value = obj.get(name)
+        if name in known and value is not None and not isinstance(value, str):  # ignored, but 5 is a bug
+            raise InvalidRequest(f"'{name}' must be a string, got {_short(value)}", field=f"{prefix}{name}")
+
+
+def _jina_envelope(obj: dict) -> None:
+    """Refuse a key beside 'data' that would be ignored there but means something elsewhere."""
+    misplaced = [key for key in obj if key in JINA_MISPLACED and key not in HARMLESS_KEYS]
+    if misplaced:
+        key = misplaced[0]
+        if key in JINA_PARAMETERS:
+            hint = "it belongs inside 'parameters'"
+        elif key in ("parameter", "params"):
+            hint = "did you mean 'parameters'?"
+        else:
+            hint = "it is another format's key, and a body has one format"
+        raise InvalidRequest(
+            f"unknown key {key!r} beside 'data' in a Jina request; {hint}: "
+            f'{{"data": [...], "parameters": {{"task": ..., "dimensions": ...}}}}',
+            field=key,
+        )
+    _known_keys({k: obj[k] for k in HARMLESS_KEYS if k in obj}, HARMLESS_KEYS, "a Jina request")
+
+
 def _jina(obj: dict) -> EmbedRequest:
+    _jina_envelope(obj)
     data = obj["data"]
     if not isinstance(data, list):
         raise InvalidRequest(f"'data' must be a list of texts or {{'text': ...}} objects, got {_short(data)}", field="data")
@@ -278,6 +355,7 @@ def _jina(obj: dict) -> EmbedRequest:
                     f"data[{i}] has no 'text' (keys: {sorted(item)[:8]}); only text inputs are supported",
                     field=f"data[{i}]",
                 )
+            _known_keys(item, JINA_ITEM_KEYS, f"data[{i}] (only text inputs are supported)", f"data[{i}].")
             texts.append(item["text"])
             ids.append(item.get("id"))
         else:
@@ -303,19 +381,26 @@ def _jina(obj: dict) -> EmbedRequest:
 
 
 def _openai(obj: dict) -> EmbedRequest:
-    model = obj.get("model")
-    if model is not None and not isinstance(model, str):  # ignored, but a client sending 5 has a bug
-        raise InvalidRequest(f"'model' must be a string, got {_short(model)}", field="model")
+    _known_keys(obj, OPENAI_KEYS, "an OpenAI request")
     encoding = obj.get("encoding_format")
     return EmbedRequest(
         texts=_text_list(obj["input"], "input"),
         task=obj.get("task"),
         dimensions=obj.get("dimensions"),
+        late_chunking=_flag(obj, "late_chunking", False),
         encoding="float" if encoding is None else encoding,  # OpenAI clients expect float unless they ask
     )
 
 
 def _tei(obj: dict) -> EmbedRequest:
+    _known_keys(obj, TEI_KEYS, "a TEI request")
+    encoding = obj.get("encoding_format")
+    if encoding is not None and encoding != "float":  # accepted only where it changes nothing
+        raise InvalidRequest(
+            f"encoding_format {_short(encoding)} is not available in the TEI format, which answers float "
+            f"arrays; send 'input' (OpenAI format) for base64",
+            field="encoding_format",
+        )
     return EmbedRequest(
         texts=_text_list(obj["inputs"], "inputs"),
         task=obj.get("task"),
@@ -330,10 +415,14 @@ def _text_list(value, name: str) -> list:
     if isinstance(value, str):
         return [value]
     if isinstance(value, list):
-        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise InvalidRequest(f"'{name}' holds token ids; send texts instead", field=name)
+        if value and (_token_ids(value) or any(isinstance(v, list) and _token_ids(v) for v in value)):
+            raise InvalidRequest(f"'{name}' holds token ids; send texts instead (this endpoint tokenizes)", field=name)
         return value
     raise InvalidRequest(f"'{name}' must be a string or a list of strings, got {_short(value)}", field=name)
+
+
+def _token_ids(values: list) -> bool:
+    return bool(values) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 def _blank_line(line: int) -> InvalidRequest:
@@ -388,12 +477,13 @@ def _parse_csv(text: str, check: _Validator) -> Invocation:
     if not text.strip():
         raise InvalidRequest("empty CSV body; expected one text per row", field="body")
     records = _csv_records(text)
-    text_col, id_col = 0, None
     first = records[0][1]
-    header = [c.strip().lower() for c in first] if isinstance(first, list) else []
+    # A first field that is a UUID marks jina-sagemaker's batch layout: that row is a record, not a header.
+    header = [c.strip().lower() for c in first] if isinstance(first, list) and not _is_uuid(first[0]) else []
+    columns = None
     if "text" in header:  # a header row
         records.pop(0)
-        text_col, id_col = header.index("text"), (header.index("id") if "id" in header else None)
+        columns = (header.index("text"), header.index("id") if "id" in header else None, len(header))
     if not records:
         raise InvalidRequest("CSV body has a header row and no records; expected one text per row", field="body")
     requests, ids = [], []
@@ -402,17 +492,64 @@ def _parse_csv(text: str, check: _Validator) -> Invocation:
             requests.append(fields)
             ids.append(None)
             continue
-        record_id = fields[id_col] if id_col is not None and id_col < len(fields) else None
+        record_id = _csv_id(fields, columns)  # kept on an error record too, so the caller can join it back
         try:
-            if text_col >= len(fields):  # a short row must not become an empty text
-                raise InvalidRequest(
-                    f"line {line} has {len(fields)} field(s), no column {text_col + 1} ('text')", field=f"line {line}"
-                )
-            requests.append(check(EmbedRequest(texts=[fields[text_col]], ids=[record_id])))
+            requests.append(check(EmbedRequest(texts=[_csv_text(fields, line, columns)], ids=[record_id])))
         except JV3Error as err:
             requests.append(err)
         ids.append(record_id)
     return Invocation("csv", requests, meta={"ids": ids})
+
+
+def _csv_id(fields: list[str], columns: tuple[int, int | None, int] | None) -> str | None:
+    """A row's id: its 'id' column under a header; without one, a UUID first field (jina-sagemaker's layout)."""
+    if columns is not None:
+        id_col = columns[1]
+        return fields[id_col] if id_col is not None and id_col < len(fields) else None
+    return fields[0] if len(fields) > 1 and _is_uuid(fields[0]) else None
+
+
+def _csv_text(fields: list[str], line: int, columns: tuple[int, int | None, int] | None) -> str:
+    """The one text of a CSV row, or ``InvalidRequest`` for a row that cannot be one text.
+
+    Every row must be unambiguous: a field too many is almost always a text with an unquoted comma
+    (the SageMaker SDK's ``CSVSerializer`` writes a list of strings unquoted), and embedding its
+    first part would be a silently wrong vector.
+    """
+    if columns is not None:
+        text_col, _, width = columns
+        if text_col >= len(fields):  # a short row must not become an empty text
+            raise InvalidRequest(
+                f"line {line} has {len(fields)} field(s), no column {text_col + 1} ('text')", field=f"line {line}"
+            )
+        if len(fields) > width:
+            raise InvalidRequest(
+                f"line {line} has {len(fields)} fields but the header has {width}; "
+                f'quote a text that holds commas ("Berlin, the capital")',
+                field=f"line {line}",
+            )
+        return fields[text_col]
+    if len(fields) == 1:
+        return fields[0]
+    if len(fields) == 2 and _is_uuid(fields[0]):  # jina-sagemaker's batch layout: id,text
+        return fields[1]
+    raise InvalidRequest(
+        f"line {line} has {len(fields)} fields; without a header a row is one text, or a UUID and a text "
+        f'(jina-sagemaker\'s batch layout): quote a text that holds commas ("Berlin, the capital") '
+        f"or add a header row naming the 'text' (and 'id') column",
+        field=f"line {line}",
+    )
+
+
+def _is_uuid(value: str) -> bool:
+    """What jina-sagemaker's batch helper takes for an id it wrote or keeps (``uuid.UUID(value)`` parses)."""
+    if len(value) > 45:  # the longest form: "urn:uuid:" and 36 characters
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _csv_records(text: str) -> list[tuple[int, list[str] | InvalidRequest]]:
@@ -490,8 +627,15 @@ def _column(text: str, pos: int) -> int:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def negotiate(accept: str | None, invocation: Invocation | None = None) -> str:
-    """The response media type for an Accept header; raises ``NotAcceptable`` when none fits."""
+def negotiate(accept: str | None, invocation: Invocation | None = None, *, as_sent: bool = False) -> str:
+    """The response media type for an Accept header; raises ``NotAcceptable`` when none fits.
+
+    A records request (JSON Lines, CSV) answers records unless it asks for ``application/json``; then it
+    gets one JSON array of the same records (what the SageMaker SDK's ``JSONDeserializer`` parses).
+    ``as_sent``: whether ``accept`` is the caller's own header. The SageMaker inference toolkit puts
+    ``application/json`` in place of a missing Accept (which batch transform sends), so where
+    ``as_sent`` is False a records request keeps answering records.
+    """
     if not accept:
         return JSONLINES if invocation is not None and invocation.is_records else JSON
     ranges = []
@@ -507,12 +651,24 @@ def negotiate(accept: str | None, invocation: Invocation | None = None) -> str:
             return CSV
         if name in CONTENT_TYPES:
             chosen = CONTENT_TYPES[name]
-            # records answer records: batch transform's default Accept is application/json
-            return JSONLINES if chosen == JSON and invocation is not None and invocation.is_records else chosen
+            records = invocation is not None and invocation.is_records
+            return JSONLINES if chosen == JSON and records and not as_sent else chosen
     raise NotAcceptable(
         f"cannot answer with {accept!r}; this endpoint writes application/json, application/jsonlines or text/csv",
         field="accept",
     )
+
+
+def accepts_json(accept: str | None) -> str:
+    """``application/json`` if the Accept header allows it, else ``NotAcceptable``: for routes that
+    answer only JSON (``/v1/embeddings``, as OpenAI's API does)."""
+    if not accept:
+        return JSON
+    for part in accept.split(","):
+        name, *params = part.split(";")
+        if name.strip().lower() in (JSON, "application/*", "*/*") and _qvalue(part, params) > 0:
+            return JSON
+    raise NotAcceptable(f"cannot answer with {accept!r}; this route writes application/json", field="accept")
 
 
 def _qvalue(part: str, params: list[str]) -> float:
@@ -556,11 +712,19 @@ def write_response(invocation: Invocation, accept: str, *, model: str, default_t
             records.append((i, record_id, result, None))
         else:
             records.append((i, record_id, _encoded_rows(result)[0], result.total_tokens))
+    if accept == JSON:  # asked for one JSON document: the records as one array
+        return _dumps([_record(*r) for r in records]), JSON
     return _write_records(records, accept), accept
 
 
 def error_body(error: JV3Error) -> bytes:
     return _json_bytes(error.to_dict())
+
+
+def openai_error_body(error: JV3Error) -> bytes:
+    """OpenAI's error shape, which its clients read into ``APIError.message``/``.type``/``.param``/``.code``."""
+    kind = "invalid_request_error" if error.status < 500 else "server_error"
+    return _json_bytes({"error": {"message": error.message, "type": kind, "param": error.field, "code": error.kind}})
 
 
 def _encoded_rows(result: EmbedResult) -> list:
@@ -638,14 +802,15 @@ def _write_records(records: list, accept: str) -> bytes:
                 )
             writer.writerow([row] if isinstance(row, str) else [format(v, ".9g") if isinstance(v, float) else v for v in row])
         return out.getvalue().encode("utf-8")
-    lines = []
-    for index, record_id, row, tokens in records:
-        if isinstance(row, JV3Error):
-            lines.append(_dumps({"id": record_id, "index": index, "error": row.to_dict()["error"]}))
-        else:
-            record = {"id": record_id, "index": index, "embedding": row}
-            if tokens is not None:
-                record["tokens"] = tokens
-            lines.append(_dumps(record))
-    return b"\n".join(lines) + b"\n"
+    return b"\n".join(_dumps(_record(*r)) for r in records) + b"\n"
+
+
+def _record(index: int, record_id, row, tokens) -> dict:
+    """One output record: its embedding, or its error in its place."""
+    if isinstance(row, JV3Error):
+        return {"id": record_id, "index": index, "error": row.to_dict()["error"]}
+    record = {"id": record_id, "index": index, "embedding": row}
+    if tokens is not None:
+        record["tokens"] = tokens
+    return record
 

@@ -6,7 +6,10 @@
 Routes: ``GET /ping``, ``POST /invocations``, ``GET /execution-parameters`` (batch transform), and the
 SageMaker runtime API's own ``POST /endpoints/{name}/invocations`` so that plain boto3
 ``sagemaker-runtime`` with ``endpoint_url=http://127.0.0.1:N`` works, its errors included (a container
-4xx/5xx reaches boto3 as ``ModelError``, HTTP 424, as on AWS).
+4xx/5xx reaches boto3 as ``ModelError``, HTTP 424, as on AWS). For the clients users already have
+(docs/clients.md): ``POST /v1/embeddings``, OpenAI's embeddings API with OpenAI's error shape, and
+the one SageMaker control-plane call clients make before they invoke, ``DescribeEndpoint`` (``POST /``
+with ``X-Amz-Target: SageMaker.DescribeEndpoint``, botocore's json protocol), answered InService.
 
 Handler threads parse and serialise; one batcher thread per engine (one engine per GPU, from
 ``JV3_DEVICE``) takes the first waiting request from the shared queue, gathers others for up to
@@ -34,13 +37,27 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .errors import InvalidRequest, JV3Error, ModelError, PayloadTooLarge, RequestTimeout
-from .protocol import JSON, error_body, negotiate, parse_request, write_response
+from .protocol import (
+    JSON,
+    Invocation,
+    accepts_json,
+    error_body,
+    negotiate,
+    openai_error_body,
+    parse_openai,
+    parse_request,
+    write_response,
+)
 from .request import EmbedRequest, EmbedResult
 from .settings import Settings
 
 log = logging.getLogger("jv3.serve")
 
 RUNTIME_PATH = re.compile(r"^/endpoints/([A-Za-z0-9-]{1,63})/invocations$")
+ENDPOINT_NAME = re.compile(r"[A-Za-z0-9](?:-*[A-Za-z0-9]){0,62}")  # SageMaker's own pattern for EndpointName
+OPENAI_PATH = "/v1/embeddings"
+AMZ_JSON = "application/x-amz-json-1.1"
+CONTROL_BODY_LIMIT = 64 * 1024  # a DescribeEndpoint body is a name
 DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) an oversized body up to this size to keep the connection
 
 
@@ -122,6 +139,7 @@ class EndpointServer(ThreadingHTTPServer):
         self.batchers: list[Batcher] = []
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self.ready = threading.Event()
+        self.created_at = self.ready_at = time.time()  # DescribeEndpoint's CreationTime, LastModifiedTime
         super().__init__(address, Handler)
         if engines:
             self.start(engines)
@@ -138,6 +156,7 @@ class EndpointServer(ThreadingHTTPServer):
             Batcher(e, self._jobs, wait_ms=self.settings.batch_wait_ms, name=f"jv3-batcher-{i}")
             for i, e in enumerate(self.engines)
         ]
+        self.ready_at = time.time()
         self.ready.set()
 
     def submit(self, requests: list[EmbedRequest]) -> _Job:
@@ -180,16 +199,22 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
+        if path == OPENAI_PATH:
+            self._openai()
+            return
+        if path == "/" and "X-Amz-Target" in self.headers:
+            self._control_plane(self.headers["X-Amz-Target"])
+            return
         runtime = RUNTIME_PATH.match(path)
         if path != "/invocations" and not runtime:
             self._drain_body()
-            self._error(_NotFound(f"no route POST {path}; try POST /invocations"))
+            self._error(_NotFound(f"no route POST {path}; try POST /invocations or POST {OPENAI_PATH}"))
             return
         if not self.server.ready.is_set():
             self._drain_body()
             status, body, content_type = 503, error_body(_Loading("the model is still loading; retry shortly")), JSON
         else:
-            status, body, content_type = self._invoke()
+            status, body, content_type = self._invoke(parse_request, self._negotiate, error_body)
         if runtime and status >= 400:
             status, body, content_type = _as_model_error(status, body, runtime.group(1))
             self._send(status, body, content_type, {"x-amzn-ErrorType": "ModelError"})
@@ -204,16 +229,29 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------------------------ the work
 
-    def _invoke(self) -> tuple[int, bytes, str]:
+    def _openai(self) -> None:
+        """``POST /v1/embeddings``: the OpenAI body only, answered (errors too) in OpenAI's shapes."""
+        if not self.server.ready.is_set():
+            self._drain_body()
+            status, body = 503, openai_error_body(_Loading("the model is still loading; retry shortly"))
+        else:
+            status, body, _ = self._invoke(parse_openai, lambda accept, _: accepts_json(accept), openai_error_body)
+        self._send(status, body, JSON)
+
+    @staticmethod
+    def _negotiate(accept: str | None, invocation: Invocation) -> str:
+        return negotiate(accept, invocation, as_sent=True)  # this server sees the caller's own header
+
+    def _invoke(self, parse, choose, errors) -> tuple[int, bytes, str]:
+        """Read, ``parse``, ``choose`` the media type (406 before any compute), embed, answer; any
+        failure becomes its status and ``errors(err)``, so the server always answers the next request."""
         started = time.monotonic()
         settings = self.server.settings
         engine = self.server.engine
         try:
             body = self._read_body(settings.max_request_bytes)
-            invocation = parse_request(
-                body, self.headers.get("Content-Type"), hidden_size=engine.hidden_size, tasks=engine.tasks
-            )
-            accept = negotiate(self.headers.get("Accept"), invocation)  # 406 before any compute
+            invocation = parse(body, self.headers.get("Content-Type"), hidden_size=engine.hidden_size, tasks=engine.tasks)
+            accept = choose(self.headers.get("Accept"), invocation)
             job = self.server.submit(invocation.pending())
             if not job.done.wait(max(settings.request_timeout_s - (time.monotonic() - started), 0)):
                 job.abandoned = True
@@ -226,10 +264,56 @@ class Handler(BaseHTTPRequestHandler):
         except JV3Error as err:
             if err.status >= 500:
                 log.error("%s: %s", type(err).__name__, err.message)
-            return err.status, error_body(err), JSON
+            return err.status, errors(err), JSON
         except Exception as exc:  # any input must leave the server able to answer the next request
             log.exception("unexpected failure on %s", self.path)
-            return 500, error_body(ModelError(f"internal error: {type(exc).__name__}: {exc}")), JSON
+            return 500, errors(ModelError(f"internal error: {type(exc).__name__}: {exc}")), JSON
+
+    # ------------------------------------------------------------------------------------ control plane
+
+    def _control_plane(self, target: str) -> None:
+        """The SageMaker API calls clients make before invoking, in botocore's json protocol.
+
+        jina-sagemaker's ``connect_to_endpoint`` and sagemaker-core's ``Endpoint.get`` call
+        ``DescribeEndpoint`` first and give up on any error; everything else (create, delete, scale)
+        has no meaning for one local process and is refused by name.
+        """
+        try:
+            body = self._read_body(CONTROL_BODY_LIMIT)
+            if target != "SageMaker.DescribeEndpoint":
+                raise _AwsError(
+                    "UnknownOperationException",
+                    f"the local endpoint answers SageMaker.DescribeEndpoint only, not {target[:80]!r}",
+                )
+            answer = self._describe_endpoint(_endpoint_name(body))
+            self._send(200, json.dumps(answer).encode(), AMZ_JSON)
+        except JV3Error as err:
+            kind = err.aws_type if isinstance(err, _AwsError) else "ValidationException"
+            self._aws_error(400 if err.status < 500 else err.status, kind, err.message)
+        except Exception as exc:  # any input must leave the server able to answer the next request
+            log.exception("unexpected failure on %s %s", self.path, target[:80])
+            self._aws_error(500, "InternalFailure", f"internal error: {type(exc).__name__}: {exc}")
+
+    def _aws_error(self, status: int, kind: str, message: str) -> None:
+        """botocore's json protocol reads the error code from ``__type`` (or this header) and ``message``."""
+        body = json.dumps({"__type": kind, "message": message}).encode()
+        self._send(status, body, AMZ_JSON, {"x-amzn-ErrorType": kind})
+
+    def _describe_endpoint(self, name: str) -> dict:
+        """What botocore and sagemaker-core read from DescribeEndpoint: InService once the model is loaded."""
+        server = self.server
+        return {
+            "EndpointName": name,
+            "EndpointArn": f"arn:aws:sagemaker:local:000000000000:endpoint/{name.lower()}",
+            "EndpointConfigName": name,
+            "ProductionVariants": [
+                {"VariantName": "AllTraffic", "CurrentWeight": 1.0, "DesiredWeight": 1.0,
+                 "CurrentInstanceCount": 1, "DesiredInstanceCount": 1}
+            ],  # fmt: skip
+            "EndpointStatus": "InService" if server.ready.is_set() else "Creating",
+            "CreationTime": server.created_at,  # the json protocol's timestamps: epoch seconds
+            "LastModifiedTime": server.ready_at,
+        }
 
     def _read_body(self, limit: int) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -303,6 +387,29 @@ class _Loading(JV3Error):
 
 class _LengthRequired(InvalidRequest):
     status, kind = 411, "length_required"
+
+
+class _AwsError(InvalidRequest):
+    """A control-plane refusal, with the error code botocore raises it as."""
+
+    def __init__(self, aws_type: str, message: str):
+        super().__init__(message)
+        self.aws_type = aws_type
+
+
+def _endpoint_name(body: bytes) -> str:
+    """``EndpointName`` of a DescribeEndpoint body, checked as SageMaker checks it."""
+    try:
+        request = json.loads(body or b"{}")
+    except (ValueError, RecursionError):  # 64 KiB of brackets nest deeper than json.loads recurses
+        raise _AwsError("SerializationException", "the request body is not valid JSON") from None
+    name = request.get("EndpointName") if isinstance(request, dict) else None
+    if not isinstance(name, str) or len(name) > 63 or not ENDPOINT_NAME.fullmatch(name):
+        raise _AwsError(
+            "ValidationException",
+            f"EndpointName must be 1 to 63 letters, digits or hyphens (not at either end), got {str(name)[:80]!r}",
+        )
+    return name
 
 
 def _as_model_error(status: int, body: bytes, endpoint: str) -> tuple[int, bytes, str]:
