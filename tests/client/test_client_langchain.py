@@ -124,8 +124,8 @@ def test_the_readme_example_runs_against_the_local_endpoint(local_endpoint, clie
     readme = (REPO / "README.md").read_text()
     blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
     (example,) = [b for b in blocks if "jv3.langchain" in b]
-    # the same code, pointed at the local endpoint and at a size the 64-wide tiny checkpoint has
-    code = example.replace('"my-endpoint", dimensions=256', f'"local", endpoint_url={local_endpoint.url!r}, dimensions={DIMS}')
+    # the same code, pointed at the local endpoint
+    code = example.replace('"my-endpoint", dimensions=32', f'"local", endpoint_url={local_endpoint.url!r}, dimensions={DIMS}')
     assert code != example
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)

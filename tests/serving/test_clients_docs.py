@@ -8,6 +8,7 @@ endpoint, and returns each example's top-level variables that JSON can carry, or
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -136,3 +137,15 @@ def test_every_example_is_run_by_a_client_test():
 def test_examples_compile():
     for name, code in examples().items():
         compile(code, f"<example {name}>", "exec")
+
+
+def test_the_readme_boto3_example_runs_as_written(endpoint, capsys):
+    """README's plain-boto3 example, pointed at this endpoint's port: 32 dimensions of the tiny checkpoint."""
+    readme = (REPO / "README.md").read_text()
+    (example,) = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:] if "invoke_endpoint(EndpointName" in b]
+    code = example.replace("http://127.0.0.1:8080", endpoint.url)
+    assert code != example
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the documented example itself
+    printed = capsys.readouterr().out
+    body = ast.literal_eval(printed.strip())
+    assert len(body["data"]) == 1 and len(body["data"][0]["embedding"]) == 32
