@@ -24,6 +24,8 @@ import typer
 
 from . import aws
 from .batch import BatchJobError, BatchJobs, JobSettings, run_local
+from .batch.interrupt import Interrupted
+from .batch.minibatches import DEFAULT_MAX_RECORDS
 from .errors import ClientError, InvalidArgument
 from .lines import decode_lines, split_lines
 from .realtime import EmbeddingClient
@@ -233,6 +235,15 @@ Stack = Annotated[
 
 
 Wait = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to finish.")]
+SkipOversized = Annotated[
+    bool,
+    typer.Option(
+        "--skip-oversized/--refuse-oversized",
+        help="A record larger than a mini-batch may be (MaxPayloadInMB, the container's 6 MB request limit): "
+        "by default the whole corpus is refused before anything is sent, naming the record's line and size; "
+        "with --skip-oversized it is not sent and an error record takes its place in the output.",
+    ),
+]
 
 
 def _settings(stack: str | None, region: str | None, **options) -> JobSettings:
@@ -265,10 +276,15 @@ def batch_submit(
     embedding_type: EmbeddingTypeOption = EmbeddingType.float,
     records_per_part: Annotated[int, typer.Option(min=1, help="Records per staged part file.")] = 10_000,
     payload_mb: Annotated[int | None, typer.Option(min=1, max=100, help="MaxPayloadInMB (default: sized).")] = None,
+    skip_oversized: SkipOversized = False,
     wait: Wait = False,
     region: Region = None,
 ) -> None:
-    """Stage a local corpus on S3 and start a transform job; prints the job name."""
+    """Stage a local corpus on S3 and start a transform job; prints the job name.
+
+    Every record is checked before anything is uploaded: one over MaxPayloadInMB refuses the corpus
+    (or, with --skip-oversized, gets an error record in its place). A blank line gets an error
+    record in its place and never fails the job."""
     settings = _settings(
         stack, region, model_name=model_name, input_bucket=input_bucket, output_bucket=output_bucket,
         kms_key_arn=kms_key_arn, instance_type=instance_type, instance_count=instance_count,
@@ -282,6 +298,7 @@ def batch_submit(
         embedding_type=embedding_type.value,
         records_per_part=records_per_part,
         payload_mb=payload_mb,
+        skip_oversized=skip_oversized,
     )
     manifest = run.manifest
     typer.echo(f"staged {manifest.records:,} records in {len(manifest.parts)} parts under {manifest.run_uri}", err=True)
@@ -347,7 +364,17 @@ def batch_local(
     dimensions: DimensionsOption = None,
     embedding_type: EmbeddingTypeOption = EmbeddingType.float,
     max_payload_mb: Annotated[float, typer.Option("--max-payload-mb", min=0.001, help="MaxPayloadInMB.")] = 6.0,
+    max_records: Annotated[
+        int,
+        typer.Option(
+            "--max-records",
+            min=1,
+            help="Records per request at most, so that a mini-batch fits the server's JV3_REQUEST_TIMEOUT_S; "
+            "a mini-batch answered 503 (timeout) is split and sent again, and the cap halves.",
+        ),
+    ] = DEFAULT_MAX_RECORDS,
     max_concurrent: Annotated[int, typer.Option(min=1, help="MaxConcurrentTransforms.")] = 1,
+    skip_oversized: SkipOversized = False,
     price_per_hour: Annotated[
         float, typer.Option(help="Instance price in $/h for the cost estimate (ml.g5.xlarge on demand ≈ 1.41).")
     ] = 1.41,
@@ -358,19 +385,31 @@ def batch_local(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Rehearse a transform job on this machine: start the local endpoint, send the corpus in
-    MultiRecord mini-batches, write <output>/<input-name>.out atomically, print a summary."""
-    summary = run_local(
-        model_dir,
-        input_file,
-        output,
-        task=task.value if task else None,
-        dimensions=dimensions,
-        embedding_type=embedding_type.value,
-        max_payload_mb=max_payload_mb,
-        max_concurrent=max_concurrent,
-        progress=progress,
-        port=port,
-    )
+    MultiRecord mini-batches, write <output>/<input-name>.out atomically, print a summary.
+
+    Every record is checked before the endpoint starts: one over the mini-batch limit refuses the
+    corpus (or, with --skip-oversized, gets an error record). The output has one line per input
+    line, ids kept, in order, error records in place (a blank line gets one, and is never sent);
+    it appears whole or not at all. SIGTERM or Ctrl-C stops the endpoint and leaves no temporary;
+    a killed run's endpoint dies with it and its temporary is removed by the next run."""
+    try:
+        summary = run_local(
+            model_dir,
+            input_file,
+            output,
+            task=task.value if task else None,
+            dimensions=dimensions,
+            embedding_type=embedding_type.value,
+            max_payload_mb=max_payload_mb,
+            max_records=max_records,
+            max_concurrent=max_concurrent,
+            skip_oversized=skip_oversized,
+            progress=progress,
+            port=port,
+        )
+    except Interrupted as stop:  # the endpoint is stopped and the temporary output removed on the way out
+        typer.echo(f"error: {stop}; the local endpoint was stopped and nothing was written to {output}", err=True)
+        raise typer.Exit(128 + stop.signum) from None
     for line in summary.lines(price_per_hour, throughput):
         typer.echo(line)
 

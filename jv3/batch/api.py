@@ -26,6 +26,7 @@ from .collecting import BatchResult, collect
 from .jobs import JobSettings, describe, manifest_of_job, run_uri_of, submit
 from .manifest import Manifest, Part
 from .rerun import resubmit_failed
+from .screening import job_limit
 from .staging import stage_corpus
 from .waiting import parts_done, wait
 
@@ -111,9 +112,13 @@ class BatchJobs:
         fmt: str | None = None,
         text_column: str = "text",
         id_column: str = "id",
+        skip_oversized: bool = False,
     ) -> Submitted:
         """Stage a local corpus on S3 (``stage_corpus``) and create its transform job (``submit``).
-        ``task``, ``dimensions`` and ``embedding_type`` are the job's ``JV3_DEFAULT_*`` environment."""
+        ``task``, ``dimensions`` and ``embedding_type`` are the job's ``JV3_DEFAULT_*`` environment.
+        A record over ``payload_mb`` (or, sized, over the largest ``MaxPayloadInMB``) raises
+        ``OversizedRecord`` before anything is uploaded; with ``skip_oversized`` its output is an error
+        record in its place instead (``screening``)."""
         if self.settings is None:
             raise InvalidArgument("submitting a job needs JobSettings (model and buckets): pass them, or use from_stack")
         manifest = stage_corpus(
@@ -129,6 +134,8 @@ class BatchJobs:
             task=task,
             dimensions=dimensions,
             embedding_type=embedding_type,
+            limit=job_limit(payload_mb),
+            skip_oversized=skip_oversized,
         )
         job = submit(manifest, self.settings, sagemaker=self.sagemaker, s3=self.s3, payload_mb=payload_mb)
         return Submitted(job, manifest, list(manifest.parts))

@@ -91,6 +91,21 @@ def parse_output_lines(lines: Sequence[str], embedding_type: str, first: int = 0
     return ids, rows, errors
 
 
+def part_records(manifest: Manifest, part: Part, lines: Sequence[str]):
+    """``parse_output_lines`` of ``part``'s output, with the records the client withheld (a blank
+    line, a skipped oversized record: ``screening``) reported with the client's message, not the
+    container's answer to their placeholders. Returns ``(ids, rows, errors, final)``: ``final`` are the
+    errors of withheld records, which no re-run can change."""
+    ids, rows, errors = parse_output_lines(lines, manifest.embedding_type, part.first)
+    final = []
+    for k, error in enumerate(errors):
+        withheld = manifest.withheld.get(str(error.position))
+        if withheld is not None:
+            errors[k] = RecordError(error.position, error.id, withheld["message"], withheld["type"])
+            final.append(errors[k])
+    return ids, rows, errors, final
+
+
 def read_part_output(manifest: Manifest, part: Part, s3) -> list[str] | None:
     """The lines of ``part``'s output (by the one line rule), or None when it has none yet."""
     uri = manifest.output_part_uri(part)
@@ -115,7 +130,7 @@ def collect(manifest: Manifest, *, s3, progress: bool = False) -> BatchResult:
         if lines is None or len(lines) != part.records:
             missing.append(part.name)
             continue
-        part_ids, part_rows, part_errors = parse_output_lines(lines, manifest.embedding_type, part.first)
+        part_ids, part_rows, part_errors, _ = part_records(manifest, part, lines)
         ids[part.first : part.first + part.records] = part_ids
         rows[part.first : part.first + part.records] = part_rows
         errors.extend(part_errors)

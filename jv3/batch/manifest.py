@@ -39,6 +39,9 @@ class Manifest:
     dimensions: int | None = None
     embedding_type: str = "float"
     jobs: list[str] = field(default_factory=list)
+    # records staged as placeholders (blank lines, skipped oversized records; ``screening``), by corpus
+    # position as a string: {"line", "kind", "type", "message"}; their error records are final
+    withheld: dict[str, dict] = field(default_factory=dict)
 
     @property
     def records(self) -> int:

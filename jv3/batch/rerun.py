@@ -5,20 +5,23 @@ the first job put them; ``resubmit_failed`` does both for a job, with the settin
 
 from __future__ import annotations
 
-from .collecting import parse_output_lines, read_part_output
+from .collecting import part_records, read_part_output
 from .jobs import JobSettings, describe, run_uri_of, submit
 from .manifest import Manifest, Part
 
 
 def failed_parts(manifest: Manifest, *, s3) -> list[Part]:
     """Parts whose ``.out`` is missing, has the wrong number of lines, or holds records that
-    ``collect`` reports as errors (error records, embeddings that do not decode)."""
+    ``collect`` reports as errors (error records, embeddings that do not decode), other than those of
+    records the client withheld (blank lines, skipped oversized records), which a re-run cannot change."""
     failed = []
     for part in manifest.parts:
         lines = read_part_output(manifest, part, s3)
         if lines is None or len(lines) != part.records:
             failed.append(part)
-        elif parse_output_lines(lines, manifest.embedding_type, part.first)[2]:
+            continue
+        _, _, errors, final = part_records(manifest, part, lines)
+        if len(errors) > len(final):
             failed.append(part)
     return failed
 

@@ -2,13 +2,21 @@
 
 ``corpus_lines`` reads a local file (JSON Lines ``{"text", "id"?}``, CSV with a text column, or plain
 text, one document a line) as JSON Lines records with ids (missing ids become the record's 0-based
-position). A JSON Lines line that does not parse is passed on as it is, so the endpoint answers it
-with an error record and every output line still matches its input line. Lines end at ``\n`` only
-(``jv3.lines``): a form feed, U+2028 or a lone ``\r`` inside a text or an id is part of it, never
-a record boundary, here and when outputs are read back.
+position); ``corpus_records`` also gives the line of the file each record comes from. A JSON Lines
+line that does not parse is passed on as it is, so the endpoint answers it with an error record and
+every output line still matches its input line. A blank line (JSON Lines or plain text) is passed
+on blank: the one rule of docs/wire-format.md makes it an error record in its place, never an empty
+text (``screening`` answers it without sending it). Lines end at ``\n`` only (``jv3.lines``): a
+form feed, U+2028 or a lone ``\r`` inside a text or an id is part of it, never a record boundary,
+here and when outputs are read back.
 
-``stage_corpus`` writes those lines to S3 as part files ``<run>/parts/part-00000.jsonl`` … and a
-``<run>/manifest.json`` that remembers the parts, their record counts and the job's parameters.
+``stage_corpus`` first checks every record (``screening``): one over the size a mini-batch may have
+refuses the corpus before anything is uploaded, unless ``skip_oversized``. It then writes the lines
+to S3 as part files ``<run>/parts/part-00000.jsonl`` … and a ``<run>/manifest.json`` that remembers
+the parts, their record counts, the job's parameters and the records the client answers itself
+(blank or skipped oversized ones): those are staged as small placeholders the container answers with
+an error record in place, so no mini-batch is ever blank or too large, and ``collect`` reports them
+with the client's message.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from .. import aws
 from ..errors import InvalidArgument
 from ..lines import dumps_line, iter_lines
 from .manifest import JSONLINES, RUN_PREFIX, Manifest, Part, job_environment
+from .screening import Limit, job_limit, screen
 
 
 def corpus_format(path: Path, fmt: str | None = None) -> str:
@@ -47,6 +56,19 @@ def corpus_lines(
     id_column: str = "id",
 ) -> Iterator[str]:
     """One JSON Lines record per document, without the newline; see the module doc."""
+    for _, record in corpus_records(path, fmt=fmt, text_column=text_column, id_column=id_column):
+        yield record
+
+
+def corpus_records(
+    path: str | os.PathLike,
+    *,
+    fmt: str | None = None,
+    text_column: str = "text",
+    id_column: str = "id",
+) -> Iterator[tuple[int, str]]:
+    """``(line, record)``: ``corpus_lines`` with the 1-based line of the file each record is on (for
+    CSV, the line its row ends on)."""
     path = Path(path)
     if not path.is_file():
         raise InvalidArgument(f"input file {str(path)!r} does not exist")
@@ -55,7 +77,7 @@ def corpus_lines(
     with path.open(encoding="utf-8-sig", newline="" if kind == "csv" else "\n") as handle:
         if kind == "jsonl":
             for position, line in enumerate(iter_lines(handle)):
-                yield _jsonl_record(line, position)
+                yield position + 1, _jsonl_record(line, position)
         elif kind == "csv":
             reader = csv.DictReader(handle, dialect="excel-tab" if path.suffix.lower() == ".tsv" else "excel")
             if reader.fieldnames is None or text_column not in reader.fieldnames:
@@ -64,10 +86,12 @@ def corpus_lines(
                 )
             for position, row in enumerate(reader):
                 record_id = row.get(id_column) if id_column in reader.fieldnames else None
-                yield dumps_line({"text": row[text_column] or "", "id": position if record_id in (None, "") else record_id})
+                record = {"text": row[text_column] or "", "id": position if record_id in (None, "") else record_id}
+                yield reader.line_num, dumps_line(record)
         else:
             for position, line in enumerate(iter_lines(handle)):
-                yield dumps_line({"text": line, "id": position})
+                # a blank line stays blank: an error record in its place, never an empty text
+                yield position + 1, dumps_line({"text": line, "id": position}) if line.strip() else line
 
 
 def _jsonl_record(line: str, position: int) -> str:
@@ -102,12 +126,24 @@ def stage_corpus(
     task: str | None = None,
     dimensions: int | None = None,
     embedding_type: str = "float",
+    limit: Limit | None = None,
+    skip_oversized: bool = False,
 ) -> Manifest:
     """Write the corpus as JSON Lines part files under ``s3://input_bucket/jv3-batch/<run>/parts/``;
-    ``task``, ``dimensions`` and ``embedding_type`` are the job's ``JV3_DEFAULT_*`` environment."""
+    ``task``, ``dimensions`` and ``embedding_type`` are the job's ``JV3_DEFAULT_*`` environment.
+
+    Every record is checked first (``screening.screen``) against ``limit``, by default the largest
+    ``MaxPayloadInMB`` a job can have (``screening.job_limit``): a record over it raises
+    ``OversizedRecord`` before anything is uploaded, unless ``skip_oversized``; blank lines and
+    skipped records are staged as placeholders (``Manifest.withheld``)."""
     if records_per_part < 1:
         raise InvalidArgument(f"records_per_part must be at least 1, got {records_per_part}")
     job_environment(task=task, dimensions=dimensions, embedding_type=embedding_type)  # refuse bad values now
+    options = {"fmt": fmt, "text_column": text_column, "id_column": id_column}
+    limit = limit or job_limit()
+    withheld = screen(
+        corpus_records(path, **options), limit=limit, skip_oversized=skip_oversized, source=Path(path).name
+    )
     run_name = run_name or new_run_name()
     manifest = Manifest(
         run_uri=f"s3://{input_bucket}/{RUN_PREFIX}/{run_name}",
@@ -117,6 +153,7 @@ def stage_corpus(
         task=task,
         dimensions=dimensions,
         embedding_type=embedding_type,
+        withheld={str(position): w.to_json() for position, w in withheld.items()},
     )
     buffer: list[bytes] = []
     first = 0
@@ -133,7 +170,9 @@ def stage_corpus(
         first += len(buffer)
         buffer.clear()
 
-    for line in corpus_lines(path, fmt=fmt, text_column=text_column, id_column=id_column):
+    for position, line in enumerate(corpus_lines(path, **options)):
+        if position in withheld:
+            line = withheld[position].placeholder()
         buffer.append(line.encode("utf-8") + b"\n")
         if len(buffer) >= records_per_part:
             flush()
