@@ -19,28 +19,46 @@ Handler threads parse and serialise; one batcher thread per engine (one engine p
 Health tells the truth: the port is bound at once, but ``/ping`` answers 503 until every engine is
 loaded, and a model that cannot load ends the process with status 1 (SageMaker then fails the
 deployment with the reason in the log, instead of an InService endpoint that times out every call).
+
+Strict framing and bounded work (``ServerLimits``): a body is exactly its ``Content-Length`` (one
+length, ASCII digits) or the request is refused and the connection closed (400, 411); a body that
+stalls is 408 after ``JV3_BODY_TIMEOUT_S``; connections beyond ``JV3_MAX_CONNECTIONS`` are answered
+503 and closed by the accept loop itself, so descriptors never run out; a request over its caps of
+texts, records or response bytes is 413 before any compute; a client that goes away is one DEBUG line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import math
+import os
 import queue
 import re
+import resource
+import selectors
 import signal
+import socket
 import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .errors import InvalidRequest, JV3Error, ModelError, PayloadTooLarge, RequestTimeout
+from .errors import InvalidRequest, JV3Error, ModelError, PayloadTooLarge, RequestTimeout, SettingsError
 from .protocol import (
     JSON,
+    MAX_RECORDS,
+    MAX_RESPONSE_BYTES,
+    MAX_TEXTS,
     Invocation,
+    Limits,
     accepts_json,
+    check_response_size,
     error_body,
     negotiate,
     openai_error_body,
@@ -59,6 +77,99 @@ OPENAI_PATH = "/v1/embeddings"
 AMZ_JSON = "application/x-amz-json-1.1"
 CONTROL_BODY_LIMIT = 64 * 1024  # a DescribeEndpoint body is a name
 DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) an oversized body up to this size to keep the connection
+MiB = 1024 * 1024
+CONTENT_LENGTH = re.compile(r"[0-9]+")  # RFC 9110: 1*DIGIT, ASCII only (int() also takes +44, 44_0, ٤٤)
+# Descriptors kept free of connections: the listening socket, refused connections lingering
+# (LINGER_CAPACITY), the model's files, torch's and the logger's.
+FD_RESERVE = 64
+LINGER_CAPACITY = 128  # refused connections closed gently at once; more are closed outright
+LINGER_S = 2.0  # how long a refused connection may take to send what it was sending
+ACCEPT_BACKOFF_S = 0.1  # pause of the accept loop when the process is out of descriptors
+# Conservative text throughput of one engine, in bytes of text per second (~4 bytes a token), for
+# MaxPayloadInMB: a mini-batch must be answered within JV3_REQUEST_TIMEOUT_S. A GPU: 25,000 tokens/s,
+# a small fraction of what README.md measured on an H100 (~400,000); a CPU: 500 tokens/s, an assumption
+# for the full model (the bench's hidden-384 model did ~850 tokens/s on 2 cores).
+TEXT_BYTES_PER_S = {"cuda": 100_000, "cpu": 2_000}
+# A 1024-dimension float response is ~13 KB per record: ~16 bytes of response per byte of ~800-byte records.
+RESPONSE_PER_REQUEST_BYTE = 16
+SAGEMAKER_PAYLOAD_BUDGET_MB = 100  # SageMaker: MaxPayloadInMB × MaxConcurrentTransforms ≤ 100
+# The server's own settings beyond inference/settings.py: variable, default (None: derived), meaning.
+SERVER_ENV = {
+    "body_timeout_s": ("JV3_BODY_TIMEOUT_S", "30", "seconds a request body may take to arrive before 408"),
+    "max_connections": ("JV3_MAX_CONNECTIONS", "512", "open connections at most; more are answered 503 and closed"),
+    "max_texts": ("JV3_MAX_TEXTS_PER_REQUEST", str(MAX_TEXTS), "texts (or late-chunking chunks) of one JSON request"),
+    "max_records": ("JV3_MAX_RECORDS_PER_REQUEST", str(MAX_RECORDS), "records of one JSON Lines or CSV body"),
+    "max_response_bytes": ("JV3_MAX_RESPONSE_BYTES", None, "estimated response size at most (default: 64 MiB "
+                           "or 10 × JV3_MAX_REQUEST_BYTES, the larger)"),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Framing and work bounds of the local/BYOC server (docs/wire-format.md, "Limits")."""
+
+    body_timeout_s: float = 30.0
+    max_connections: int = 512
+    max_texts: int = MAX_TEXTS
+    max_records: int = MAX_RECORDS
+    max_response_bytes: int = MAX_RESPONSE_BYTES
+
+    @property
+    def work(self) -> Limits:
+        return Limits(self.max_texts, self.max_records, self.max_response_bytes)
+
+    @classmethod
+    def resolve(cls, settings: Settings, environ=os.environ, **overrides) -> ServerLimits:
+        """Arguments win over ``JV3_*`` variables, which win over the defaults; a bad value is a
+        ``SettingsError`` naming the variable (the server then refuses to start)."""
+        raw = {}
+        for name, (var, default, _) in SERVER_ENV.items():
+            value = overrides.get(name)
+            raw[name] = value if value is not None else environ.get(var, default)
+        if raw["max_response_bytes"] is None:  # a response may be ~10 × its request (floats of short texts)
+            raw["max_response_bytes"] = max(MAX_RESPONSE_BYTES, 10 * settings.max_request_bytes)
+        limits = cls(
+            body_timeout_s=_setting_float(raw["body_timeout_s"], "JV3_BODY_TIMEOUT_S", minimum=0.001),
+            max_connections=_setting_int(raw["max_connections"], "JV3_MAX_CONNECTIONS", minimum=1),
+            max_texts=_setting_int(raw["max_texts"], "JV3_MAX_TEXTS_PER_REQUEST", minimum=1),
+            max_records=_setting_int(raw["max_records"], "JV3_MAX_RECORDS_PER_REQUEST", minimum=1),
+            max_response_bytes=_setting_int(raw["max_response_bytes"], "JV3_MAX_RESPONSE_BYTES", minimum=1024),
+        )
+        _check_descriptors(limits.max_connections)
+        return limits
+
+
+def _setting_int(value, name: str, minimum: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise SettingsError(f"{name}={value!r} is not an integer") from None
+    if number < minimum:
+        raise SettingsError(f"{name}={number} must be at least {minimum}")
+    return number
+
+
+def _setting_float(value, name: str, minimum: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name}={value!r} is not a number") from None
+    if not minimum <= number < math.inf:  # also refuses NaN
+        raise SettingsError(f"{name}={value!r} must be a finite number of at least {minimum:g}")
+    return number
+
+
+def _check_descriptors(max_connections: int) -> None:
+    """Refuse a connection cap the process cannot honour: past the descriptor limit, accept() fails
+    and the server stops answering instead of answering 503."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = soft - LINGER_CAPACITY - FD_RESERVE
+    if soft != resource.RLIM_INFINITY and max_connections > room:
+        raise SettingsError(
+            f"JV3_MAX_CONNECTIONS={max_connections} does not fit the descriptor limit of {soft} (ulimit -n) "
+            f"less {LINGER_CAPACITY + FD_RESERVE} kept for the server itself; set it to at most {max(room, 0)} "
+            f"or raise the limit"
+        )
 
 
 class Batcher:
@@ -79,6 +190,7 @@ class Batcher:
         while True:
             job = self._queue.get()
             if job is None:
+                self._queue.put(None)  # the next batcher stops too
                 return
             jobs, tokens, deadline = [job], job.tokens, time.monotonic() + self.wait_s
             stop = False
@@ -130,16 +242,21 @@ class _Job:
 class EndpointServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 128
+    request_queue_size = 1024  # a burst of connects waits in the kernel instead of a 1 s SYN retry
 
-    def __init__(self, address, engines=None, settings: Settings | None = None):
+    def __init__(self, address, engines=None, settings: Settings | None = None, limits: ServerLimits | None = None):
         engines = [engines] if engines is not None and not isinstance(engines, (list, tuple)) else engines
         self.settings = settings or (engines[0].settings if engines else Settings.resolve())
+        self.limits = limits or ServerLimits.resolve(self.settings)
         self.engines: list = []
         self.batchers: list[Batcher] = []
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self.ready = threading.Event()
         self.created_at = self.ready_at = time.time()  # DescribeEndpoint's CreationTime, LastModifiedTime
+        self._open = 0  # connections being served (each holds a thread and a descriptor)
+        self._open_lock = threading.Lock()
+        self._refuser = _Refuser()
+        self._warned_at = 0.0
         super().__init__(address, Handler)
         if engines:
             self.start(engines)
@@ -164,12 +281,163 @@ class EndpointServer(ThreadingHTTPServer):
         self._jobs.put(job)
         return job
 
+    def execution_parameters(self) -> dict:
+        """What batch transform should send, truthfully: one transform per engine (each runs one batch
+        at a time), and mini-batches small enough that one is answered within the request timeout at a
+        conservative throughput (``TEXT_BYTES_PER_S``), fits the request limit, keeps its response under
+        the response cap, and keeps MaxPayloadInMB × MaxConcurrentTransforms within SageMaker's 100."""
+        engines = max(len(self.engines), 1)
+        on_gpu = any(str(getattr(getattr(e, "model", None), "device", "cpu")).startswith("cuda") for e in self.engines)
+        rate = TEXT_BYTES_PER_S["cuda" if on_gpu else "cpu"]
+        payload_mb = min(
+            self.settings.max_request_bytes // MiB,
+            int(self.settings.request_timeout_s * rate // MiB),
+            self.limits.max_response_bytes // RESPONSE_PER_REQUEST_BYTE // MiB,
+            SAGEMAKER_PAYLOAD_BUDGET_MB // engines,
+        )
+        payload_mb = max(1, payload_mb)  # 1 MB is the least a job can ask; on a CPU it may still take long
+        return {"MaxConcurrentTransforms": engines, "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": payload_mb}
+
+    # ------------------------------------------------------------------------------------ connections
+
+    def get_request(self):
+        """accept(), pausing when the process is out of descriptors: the listening socket stays readable
+        then, and without a pause serve_forever would spin on it at 100 % CPU."""
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._warn(f"accept failed ({exc.strerror}); pausing {ACCEPT_BACKOFF_S:g} s "
+                           f"(JV3_MAX_CONNECTIONS={self.limits.max_connections})")  # fmt: skip
+                time.sleep(ACCEPT_BACKOFF_S)
+            raise  # socketserver drops the failed accept and polls again
+
+    def process_request(self, request, client_address) -> None:
+        """A thread per connection up to ``max_connections``; beyond, a 503 from this (the accept) thread."""
+        with self._open_lock:
+            full = self._open >= self.limits.max_connections
+            if not full:
+                self._open += 1
+        if full:
+            self._warn(f"{self.limits.max_connections} connections open (JV3_MAX_CONNECTIONS); answering 503")
+            self._refuser.refuse(request, self.limits.max_connections)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: the connection is not open after all
+            self._closed()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._closed()
+
+    def _closed(self) -> None:
+        with self._open_lock:
+            self._open -= 1
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away is routine: one DEBUG line. Anything else keeps its traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("client %s:%s went away: %s: %s", *client_address[:2], type(exc).__name__, exc)
+        else:
+            log.error("unexpected failure serving %s:%s", *client_address[:2], exc_info=True)
+
+    def _warn(self, message: str) -> None:
+        """A warning at most every 10 s: a flood of connections must not become a flood of log lines."""
+        now = time.monotonic()
+        if now - self._warned_at >= 10:
+            self._warned_at = now
+            log.warning("%s", message)
+
     def server_close(self) -> None:
         super().server_close()
+        self._refuser.stop()
         if self.batchers:
             self._jobs.put(None)  # each batcher passes it on before it stops
             for batcher in self.batchers:
                 batcher.join(timeout=30)
+
+
+class _Refuser:
+    """Answers connections over the cap with 503 and closes them gently, off the handler threads.
+
+    The answer is sent at once (a fresh socket's send buffer holds it); then the connection waits up to
+    ``LINGER_S`` for the client to finish sending, reading and dropping it, before it is closed: closing
+    a socket with unread bytes sends a reset, which can destroy the 503 before the client reads it.
+    At most ``LINGER_CAPACITY`` linger at once (the oldest is closed outright), so refusals cannot
+    exhaust descriptors either.
+    """
+
+    def __init__(self):
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="jv3-refuser", daemon=True)
+        self._thread.start()
+
+    def refuse(self, sock: socket.socket, cap: int) -> None:
+        body = error_body(_Overloaded(f"the server has {cap} connections open (JV3_MAX_CONNECTIONS); retry shortly"))
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {JSON}\r\nContent-Length: {len(body)}\r\n"
+                "Retry-After: 1\r\nConnection: close\r\n\r\n")  # fmt: skip
+        try:
+            sock.setblocking(False)
+            sock.send(head.encode("ascii") + body)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # the client is gone already
+            sock.close()
+            return
+        self._inbox.put((sock, time.monotonic() + LINGER_S))
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        lingering: dict[socket.socket, float] = {}  # each refused connection's deadline, oldest first
+        while True:
+            item = self._next(0.05) if lingering else self._inbox.get()  # nothing lingers: sleep until one does
+            while item is not False:
+                if item is None:  # the server is closing
+                    for sock in list(lingering):
+                        self._close(sock, selector, lingering)
+                    return
+                if len(lingering) >= LINGER_CAPACITY:
+                    self._close(next(iter(lingering)), selector, lingering)
+                selector.register(item[0], selectors.EVENT_READ)
+                lingering[item[0]] = item[1]
+                item = self._next(0)
+            for key, _ in selector.select(timeout=0.05):
+                if not _read_and_drop(key.fileobj):  # the client closed its side: nothing can be lost now
+                    self._close(key.fileobj, selector, lingering)
+            now = time.monotonic()
+            for sock in [s for s, deadline in lingering.items() if deadline <= now]:
+                self._close(sock, selector, lingering)
+
+    def _next(self, timeout: float):
+        """The next refused connection, None to stop, or False when none came within ``timeout``."""
+        try:
+            return self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
+        except queue.Empty:
+            return False
+
+    @staticmethod
+    def _close(sock: socket.socket, selector, lingering: dict) -> None:
+        selector.unregister(sock)
+        del lingering[sock]
+        sock.close()
+
+
+def _read_and_drop(sock: socket.socket) -> bool:
+    """Read what a refused client sent; False once it has closed its side (or the socket failed)."""
+    try:
+        return bool(sock.recv(1 << 16))
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -182,18 +450,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        if path == "/ping":
+        framing = self._drop_body()  # a GET may carry a body; it must be read to find the next request
+        if framing is not None:
+            self._error(framing)
+        elif path == "/ping":
             if self.server.ready.is_set():
                 self._send(200, b'{"status":"healthy"}', JSON)
             else:
                 self._send(503, b'{"status":"loading"}', JSON)
         elif path == "/execution-parameters":
-            body = {
-                "MaxConcurrentTransforms": 4,
-                "BatchStrategy": "MULTI_RECORD",
-                "MaxPayloadInMB": max(1, self.server.settings.max_request_bytes // (1024 * 1024)),
-            }
-            self._send(200, json.dumps(body).encode(), JSON)
+            if self.server.ready.is_set():  # the answer depends on the engines
+                self._send(200, json.dumps(self.server.execution_parameters()).encode(), JSON)
+            else:
+                self._send(503, b'{"status":"loading"}', JSON)
         else:
             self._error(_NotFound(f"no route GET {path}; try GET /ping or POST /invocations"))
 
@@ -207,12 +476,12 @@ class Handler(BaseHTTPRequestHandler):
             return
         runtime = RUNTIME_PATH.match(path)
         if path != "/invocations" and not runtime:
-            self._drain_body()
-            self._error(_NotFound(f"no route POST {path}; try POST /invocations or POST {OPENAI_PATH}"))
+            route = _NotFound(f"no route POST {path}; try POST /invocations or POST {OPENAI_PATH}")
+            self._error(self._drop_body() or route)
             return
         if not self.server.ready.is_set():
-            self._drain_body()
-            status, body, content_type = 503, error_body(_Loading("the model is still loading; retry shortly")), JSON
+            err = self._drop_body() or _Loading("the model is still loading; retry shortly")
+            status, body, content_type = err.status, error_body(err), JSON
         else:
             status, body, content_type = self._invoke(parse_request, self._negotiate, error_body)
         if runtime and status >= 400:
@@ -222,8 +491,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(status, body, content_type)
 
     def do_PUT(self) -> None:
-        self._drain_body()
-        self._error(_MethodNotAllowed(f"method PUT is not allowed on {self.path}"))
+        self._error(self._drop_body() or _MethodNotAllowed(f"method {self.command} is not allowed on {self.path}"))
 
     do_DELETE = do_PATCH = do_PUT
 
@@ -232,8 +500,8 @@ class Handler(BaseHTTPRequestHandler):
     def _openai(self) -> None:
         """``POST /v1/embeddings``: the OpenAI body only, answered (errors too) in OpenAI's shapes."""
         if not self.server.ready.is_set():
-            self._drain_body()
-            status, body = 503, openai_error_body(_Loading("the model is still loading; retry shortly"))
+            err = self._drop_body() or _Loading("the model is still loading; retry shortly")
+            status, body = err.status, openai_error_body(err)
         else:
             status, body, _ = self._invoke(parse_openai, lambda accept, _: accepts_json(accept), openai_error_body)
         self._send(status, body, JSON)
@@ -246,12 +514,17 @@ class Handler(BaseHTTPRequestHandler):
         """Read, ``parse``, ``choose`` the media type (406 before any compute), embed, answer; any
         failure becomes its status and ``errors(err)``, so the server always answers the next request."""
         started = time.monotonic()
-        settings = self.server.settings
+        settings, limits = self.server.settings, self.server.limits.work
         engine = self.server.engine
         try:
             body = self._read_body(settings.max_request_bytes)
-            invocation = parse(body, self.headers.get("Content-Type"), hidden_size=engine.hidden_size, tasks=engine.tasks)
+            invocation = parse(body, self.headers.get("Content-Type"), hidden_size=engine.hidden_size,
+                               tasks=engine.tasks, limits=limits)  # fmt: skip
             accept = choose(self.headers.get("Accept"), invocation)
+            check_response_size(
+                invocation, accept, limits, hidden_size=engine.hidden_size, echoed_bytes=len(body),
+                default_dimensions=settings.default_dimensions, default_encoding=settings.default_encoding,
+            )  # fmt: skip
             job = self.server.submit(invocation.pending())
             if not job.done.wait(max(settings.request_timeout_s - (time.monotonic() - started), 0)):
                 job.abandoned = True
@@ -265,6 +538,8 @@ class Handler(BaseHTTPRequestHandler):
             if err.status >= 500:
                 log.error("%s: %s", type(err).__name__, err.message)
             return err.status, errors(err), JSON
+        except ConnectionError:  # the client went away: nobody to answer (EndpointServer.handle_error logs it)
+            raise
         except Exception as exc:  # any input must leave the server able to answer the next request
             log.exception("unexpected failure on %s", self.path)
             return 500, errors(ModelError(f"internal error: {type(exc).__name__}: {exc}")), JSON
@@ -290,6 +565,8 @@ class Handler(BaseHTTPRequestHandler):
         except JV3Error as err:
             kind = err.aws_type if isinstance(err, _AwsError) else "ValidationException"
             self._aws_error(400 if err.status < 500 else err.status, kind, err.message)
+        except ConnectionError:  # the client went away: nobody to answer
+            raise
         except Exception as exc:  # any input must leave the server able to answer the next request
             log.exception("unexpected failure on %s %s", self.path, target[:80])
             self._aws_error(500, "InternalFailure", f"internal error: {type(exc).__name__}: {exc}")
@@ -315,42 +592,101 @@ class Handler(BaseHTTPRequestHandler):
             "LastModifiedTime": server.ready_at,
         }
 
+    # ------------------------------------------------------------------------------------ framing
+
+    def _body_length(self) -> int:
+        """The body's length, checked strictly: a length read wrongly makes the rest of the body the next
+        request (or the next request part of this body), so anything doubtful is refused and the
+        connection closed. One ``Content-Length`` of ASCII digits (repeats must agree); no
+        ``Transfer-Encoding`` (chunked bodies are not supported; with a length, it is a smuggling attempt)."""
+        encodings = self.headers.get_all("Transfer-Encoding") or []
+        if encodings:
+            self.close_connection = True
+            raise _LengthRequired(
+                f"Transfer-Encoding {', '.join(encodings)[:80]!r} is not supported (chunked request bodies "
+                f"are not); send the body with Content-Length",
+                field="transfer_encoding",
+            )
+        values = [v.strip(" \t") for v in self.headers.get_all("Content-Length") or []]
+        if not values:
+            return 0
+        if any(not CONTENT_LENGTH.fullmatch(v) for v in values) or len(set(map(int, values))) > 1:
+            self.close_connection = True
+            shown = ", ".join(repr(v[:40]) for v in values[:4])
+            raise InvalidRequest(
+                f"bad Content-Length {shown}: expected one length in ASCII digits"
+                + (" (the headers disagree)" if len(values) > 1 else ""),
+                field="content_length",
+            )
+        return int(values[0])
+
     def _read_body(self, limit: int) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise _LengthRequired("chunked request bodies are not supported; send Content-Length")
-        raw = self.headers.get("Content-Length")
-        try:
-            length = int(raw) if raw is not None else 0
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise InvalidRequest(f"bad Content-Length {raw!r}", field="content_length") from None
+        length = self._body_length()
         if length > limit:
-            self._drain(length)
+            self._discard(length)
             raise PayloadTooLarge(
                 f"request body of {length} bytes is over the limit of {limit} bytes (JV3_MAX_REQUEST_BYTES; "
                 f"SageMaker real-time endpoints allow 6 MB): split the batch",
                 field="body",
             )
-        return self.rfile.read(length)
+        return self._receive(length)
 
-    def _drain_body(self) -> None:
+    def _drop_body(self) -> JV3Error | None:
+        """Read and drop the body of a request answered without it; its framing error, if it has one."""
         try:
-            self._drain(int(self.headers.get("Content-Length") or 0))
-        except ValueError:
-            self.close_connection = True
+            self._discard(self._body_length())
+        except JV3Error as err:
+            return err
+        return None
 
-    def _drain(self, length: int) -> None:
+    def _discard(self, length: int) -> None:
+        """Read and drop ``length`` bytes to keep the connection; past ``DRAIN_LIMIT``, or when they do
+        not come, close it instead (the caller's answer stands either way)."""
         if length > DRAIN_LIMIT:
             self.close_connection = True
             return
-        while length > 0:
-            chunk = self.rfile.read(min(length, 1 << 16))
-            if not chunk:
-                break
-            length -= len(chunk)
+        try:
+            self._receive(length, keep=False)
+        except JV3Error:
+            pass  # _receive closed the connection
+
+    def _receive(self, length: int, keep: bool = True) -> bytes:
+        """Exactly ``length`` body bytes, all within ``JV3_BODY_TIMEOUT_S``; else a refusal that closes
+        the connection: 408 when they stall, 400 when the client ends them early (a cut body is never
+        processed: 3 of 10 records must not be answered as if they were all)."""
+        timeout = self.server.limits.body_timeout_s
+        deadline = time.monotonic() + timeout
+        chunks, got = [], 0  # grown as bytes arrive: a claimed length alone reserves no memory
+        try:
+            while got < length:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(remaining)  # each read waits only until the body's deadline
+                chunk = self.rfile.read1(min(length - got, 1 << 20))
+                if not chunk:
+                    self.close_connection = True
+                    raise InvalidRequest(
+                        f"the request body ended after {got:,} of {length:,} bytes (Content-Length): nothing "
+                        f"was processed; send the whole body",
+                        field="body",
+                    )
+                got += len(chunk)
+                if keep:
+                    chunks.append(chunk)
+        except TimeoutError:
+            self.close_connection = True
+            raise _BodyTimeout(
+                f"the request body stalled: {got:,} of {length:,} bytes arrived within {timeout:g} s "
+                f"(JV3_BODY_TIMEOUT_S); send the whole body without pauses",
+                field="body",
+            ) from None
+        except ConnectionError:
+            self.close_connection = True
+            raise
+        finally:
+            self.connection.settimeout(self.timeout)  # the answer is written with the usual timeout
+        return b"".join(chunks)
 
     # ------------------------------------------------------------------------------------ replies
 
@@ -387,6 +723,14 @@ class _Loading(JV3Error):
 
 class _LengthRequired(InvalidRequest):
     status, kind = 411, "length_required"
+
+
+class _BodyTimeout(InvalidRequest):
+    status, kind = 408, "body_timeout"
+
+
+class _Overloaded(JV3Error):
+    status, kind = 503, "overloaded"
 
 
 class _AwsError(InvalidRequest):
@@ -431,12 +775,16 @@ def _as_model_error(status: int, body: bytes, endpoint: str) -> tuple[int, bytes
     return HTTPStatus.FAILED_DEPENDENCY.value, json.dumps(wrapped).encode(), "application/json"
 
 
-def make_server(engines=None, host: str = "127.0.0.1", port: int = 8080, settings: Settings | None = None) -> EndpointServer:
+def make_server(
+    engines=None, host: str = "127.0.0.1", port: int = 8080, settings: Settings | None = None,
+    limits: ServerLimits | None = None,
+) -> EndpointServer:  # fmt: skip
     """A bound server (not yet serving): call ``serve_forever()``, and ``shutdown()``/``server_close()``.
 
     ``engines``: an engine or a list of them (ready at once); None: call ``start(engines)`` once loaded.
+    ``limits``: None reads them from the environment (``ServerLimits.resolve``).
     """
-    return EndpointServer((host, port), engines, settings)
+    return EndpointServer((host, port), engines, settings, limits)
 
 
 def load_engines(model_dir: str, settings: Settings) -> list:
@@ -468,6 +816,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = Settings.resolve()
+        limits = ServerLimits.resolve(settings)
     except JV3Error as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 1
@@ -476,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("jv3").addHandler(handler)
     logging.getLogger("jv3").setLevel(settings.log_level)
 
-    server = make_server(None, host, port, settings)  # bound now, /ping says 503 until the engines load
+    server = make_server(None, host, port, settings, limits)  # bound now, /ping says 503 until the engines load
     bound_host, bound_port = server.server_address[:2]
     print(f"jv3 endpoint listening on http://{bound_host}:{bound_port}", flush=True)
     failure: list[BaseException] = []

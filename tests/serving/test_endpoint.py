@@ -34,7 +34,8 @@ def test_ping_and_execution_parameters(endpoint):
     assert endpoint.request("GET", "/ping")[0] == 200
     status, _, body = endpoint.request("GET", "/execution-parameters")
     assert status == 200
-    assert json.loads(body) == {"MaxConcurrentTransforms": 4, "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 6}
+    # the truth for this server: one CPU engine, a mini-batch it can answer within the request timeout
+    assert json.loads(body) == {"MaxConcurrentTransforms": 1, "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 1}
 
 
 def test_unknown_route_is_404_json(endpoint):
