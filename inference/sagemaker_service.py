@@ -16,11 +16,20 @@ Importable only where the toolkit is (the DLC); TorchServe requires exactly one 
 
 from __future__ import annotations
 
-from sagemaker_inference import content_types, utils
-from sagemaker_pytorch_serving_container.handler_service import HandlerService
+from .torchserve import stop_model_server  # standard library only: safe before code/lib is on the path
 
-from .inference import input_fn, output_fn
-from .torchserve import stop_model_server
+try:  # TorchServe imports this module before the toolkit imports code/inference.py, the archive's entry
+    # module, which puts code/lib (the vendored dependencies: orjson, transformers, ...) first on sys.path
+    # and checks the Python version: import it first, and stop the server if it cannot load.
+    import inference  # noqa: F401 - code/inference.py
+except BaseException as exc:
+    stop_model_server(exc)
+    raise
+
+from sagemaker_inference import content_types, utils  # noqa: E402
+from sagemaker_pytorch_serving_container.handler_service import HandlerService  # noqa: E402
+
+from .inference import input_fn, output_fn  # noqa: E402
 
 
 class JV3HandlerService(HandlerService):
