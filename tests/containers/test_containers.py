@@ -28,7 +28,8 @@ from infra.config import DeploySettings
 
 from . import stack
 
-pytestmark = pytest.mark.slow
+# the first run builds the DLC stack (about 3 GB of downloads) inside the first test's setup
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def _case(name, body, content_type="application/json", accept=None, path="/invocations", method="POST"):
