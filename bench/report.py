@@ -1,6 +1,6 @@
 """Write bench/RESULTS.md (and bench/throughput.png) from the engine benchmark JSON files.
 
-    python -m bench.report      # reads bench/gpu-h100.json and bench/cpu.json, whichever exist
+    python -m bench.report      # reads bench/gpu-h100.json, bench/cpu.json and bench/cpu-paths.json, whichever exist
 """
 
 from __future__ import annotations
@@ -84,6 +84,12 @@ def main() -> None:
     if reports:
         plot(reports, HERE / "throughput.png")
         out += ["![throughput](throughput.png)", ""]
+    paths = HERE / "cpu-paths.json"
+    if paths.is_file():  # python -m bench.cpu_paths
+        from bench.cpu_paths import section
+
+        out += ["## CPU paths: threads, attention calls, allocator (`python -m bench.cpu_paths`)", ""]
+        out += section(json.loads(paths.read_text())) + [""]
     (HERE / "RESULTS.md").write_text("\n".join(out))
     print((HERE / "RESULTS.md").read_text())
 

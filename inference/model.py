@@ -6,8 +6,9 @@ Three choices make it fast, each measured in bench/:
   The word-embedding adapter is applied on the fly instead (``A[t][ids] @ B[t]``, rank 4): a merged
   250k×1024 table per task would cost 0.5 GB each for a gather.
 - **Packed sequences.** A batch is one row of concatenated texts with positions restarting at each
-  text; attention sees ``cu_seqlens`` so no FLOP is spent on padding (flash-attention varlen on GPU,
-  one SDPA call per text on CPU). Linear layers, LayerNorm and the MLP never see padding either.
+  text; attention sees ``cu_seqlens`` so no FLOP is spent on padding (flash-attention varlen on GPU;
+  elsewhere one SDPA call per *run* of equal-length adjacent texts, see ``runs_attention``). Linear
+  layers, LayerNorm and the MLP never see padding either.
 - **Mixed tasks in one pass.** Inside a batch the texts of one task are adjacent, and every Linear
   holds all tasks' weights: it runs one GEMM per task segment (``TaskLinear``). Attention, norms
   and the rest run once over the whole row.
@@ -48,12 +49,54 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
         out = _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
         return out.unsqueeze(0), None
-    bounds = kwargs["cu_seqlens_list"]
+    runs = kwargs.get("attention_runs")
+    if runs is None:  # the reference path (tests, bench): one SDPA call per text
+        return per_text_attention(query, key, value, kwargs["cu_seqlens_list"], scaling), None
+    return runs_attention(query, key, value, runs, scaling), None
+
+
+def equal_length_runs(lengths) -> list[tuple[int, int, int, int]]:
+    """Maximal runs of adjacent texts of one length: ``(start token, end token, texts, length)``.
+
+    The engine packs a batch longest first within each task, so equal lengths are adjacent; a run
+    of ``n`` texts of length ``L`` is a (n, L) block of the packed row that attention takes whole.
+    """
+    runs, start, i = [], 0, 0
+    while i < len(lengths):
+        length, j = lengths[i], i + 1
+        while j < len(lengths) and lengths[j] == length:
+            j += 1
+        runs.append((start, start + (j - i) * length, j - i, int(length)))
+        start += (j - i) * length
+        i = j
+    return runs
+
+
+def runs_attention(query, key, value, runs, scaling=None) -> torch.Tensor:
+    """One SDPA call per run of equal-length texts: the run's tokens, viewed (no copy) as a batch of
+    ``n`` texts × ``L`` tokens, need no padding and no mask. Exactly per-text attention, in ``len(runs)``
+    calls instead of one per text: each call is one parallel region, and on a busy CPU every region
+    costs a wait for all of its threads (issue 10, item 3). Returns (1, tokens, heads, head_dim)."""
+    outs = []
+    for start, end, n, length in runs:
+        if n == 1:
+            o = F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], scale=scaling)
+            outs.append(o[0].transpose(0, 1))  # (L, heads, head_dim)
+            continue
+        q, k, v = (t[0, :, start:end].unflatten(1, (n, length)).transpose(0, 1) for t in (query, key, value))  # (n, heads, L, d) views
+        o = F.scaled_dot_product_attention(q, k, v, scale=scaling)  # (n, heads, L, d)
+        outs.append(o.transpose(1, 2).flatten(0, 1))  # (n·L, heads, head_dim)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.unsqueeze(0)
+
+
+def per_text_attention(query, key, value, bounds, scaling=None) -> torch.Tensor:
+    """One SDPA call per text (``bounds``: token offsets of the texts, with the end)."""
     outs = [
         F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scale=scaling)
         for s, e in zip(bounds[:-1], bounds[1:], strict=True)
     ]
-    return torch.cat(outs, dim=2).transpose(1, 2), None
+    return torch.cat(outs, dim=2).transpose(1, 2)
 
 
 def _register_attention() -> None:
@@ -136,6 +179,9 @@ class TaskModel:
         self.type_offset = torch.stack(
             [torch.zeros(b.shape[-1], device=b.device)] + [ckpt.scale * (a[t, 0].float() @ b[t].float()) for t in order]
         ).to(device, dtype)  # (variants, hidden)
+        # Attention where flash-attention varlen does not run (CPU, float32): "runs" (one SDPA call per
+        # run of equal-length texts) or "per_text" (one call per text: the reference, for tests and bench).
+        self.attention = "runs"
         self._lock = threading.Lock()
 
     @torch.inference_mode()
@@ -165,6 +211,7 @@ class TaskModel:
                 position_ids=pos[None],
                 cu_seqlens=cu_seqlens,
                 cu_seqlens_list=bounds.tolist(),
+                attention_runs=equal_length_runs(lengths) if self.attention == "runs" else None,
                 max_seqlen=int(max(lengths)),
             )
         return out.last_hidden_state[0]  # (tokens, hidden)
