@@ -33,7 +33,7 @@ import orjson
 from .encodings import encode_matrix
 from .errors import InvalidRequest, JV3Error, ModelError, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 from .request import EmbedRequest, EmbedResult, _short
-from .settings import TASKS
+from .settings import MAX_RECORDS, MAX_RESPONSE_BYTES, MAX_TEXTS, TASKS, Settings
 
 MAX_JSON_DEPTH = 32
 JSON = "application/json"
@@ -82,10 +82,6 @@ _ORJSON = orjson.OPT_SERIALIZE_NUMPY
 # byte never occurs inside another character, so the replacement cannot cut one in two).
 _JSON_LINE_BREAK_BYTES = tuple((char.encode(), escape.encode()) for char, escape in _JSON_LINE_BREAKS)
 
-# Work caps of one request (Limits below); the local/BYOC server reads them from JV3_MAX_* (serve.py).
-MAX_TEXTS = 2048  # texts of one JSON request: OpenAI's own cap on inputs, and 2,048 is a few seconds of a GPU
-MAX_RECORDS = 65536  # records of one JSON Lines or CSV body: 1 MB of 16-byte records (a small mini-batch)
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # Estimated response bytes per value (docs/wire-format.md, "Limits"): float32's shortest form of a
 # unit vector's component averages ~12.4 characters with its comma ("-0.012345678,"); 13 leaves room.
 FLOAT_VALUE_BYTES = 13
@@ -101,6 +97,11 @@ class Limits:
     max_texts: int = MAX_TEXTS
     max_records: int = MAX_RECORDS
     max_response_bytes: int = MAX_RESPONSE_BYTES
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        """The caps the operator set (``JV3_MAX_TEXTS_PER_REQUEST`` and the rest, inference/settings.py)."""
+        return cls(settings.max_texts, settings.max_records, settings.max_response_bytes)
 
 
 @dataclass

@@ -52,9 +52,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from .errors import InvalidRequest, JV3Error, ModelError, PayloadTooLarge, RequestTimeout, SettingsError
 from .protocol import (
     JSON,
-    MAX_RECORDS,
-    MAX_RESPONSE_BYTES,
-    MAX_TEXTS,
     Invocation,
     Limits,
     accepts_json,
@@ -93,15 +90,12 @@ TEXT_BYTES_PER_S = {"cuda": 100_000, "cpu": 2_000}
 # A 1024-dimension float response is ~13 KB per record: ~16 bytes of response per byte of ~800-byte records.
 RESPONSE_PER_REQUEST_BYTE = 16
 SAGEMAKER_PAYLOAD_BUDGET_MB = 100  # SageMaker: MaxPayloadInMB × MaxConcurrentTransforms ≤ 100
-# The server's own settings beyond inference/settings.py: variable, default (None: derived), meaning.
+# The server's own settings beyond inference/settings.py (whose work caps both runtimes apply):
+# variable, default, meaning.
 SERVER_ENV = {
     "body_timeout_s": ("JV3_BODY_TIMEOUT_S", "30", "seconds a request body may take to arrive before 408"),
     "max_connections": ("JV3_MAX_CONNECTIONS", "512", "open connections at most; more are answered 503 and closed"),
-    "max_texts": ("JV3_MAX_TEXTS_PER_REQUEST", str(MAX_TEXTS), "texts (or late-chunking chunks) of one JSON request"),
-    "max_records": ("JV3_MAX_RECORDS_PER_REQUEST", str(MAX_RECORDS), "records of one JSON Lines or CSV body"),
-    "max_response_bytes": ("JV3_MAX_RESPONSE_BYTES", None, "estimated response size at most (default: 64 MiB "
-                           "or 10 × JV3_MAX_REQUEST_BYTES, the larger)"),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -110,30 +104,25 @@ class ServerLimits:
 
     body_timeout_s: float = 30.0
     max_connections: int = 512
-    max_texts: int = MAX_TEXTS
-    max_records: int = MAX_RECORDS
-    max_response_bytes: int = MAX_RESPONSE_BYTES
-
-    @property
-    def work(self) -> Limits:
-        return Limits(self.max_texts, self.max_records, self.max_response_bytes)
+    work: Limits = Limits()
 
     @classmethod
     def resolve(cls, settings: Settings, environ=os.environ, **overrides) -> ServerLimits:
         """Arguments win over ``JV3_*`` variables, which win over the defaults; a bad value is a
-        ``SettingsError`` naming the variable (the server then refuses to start)."""
+        ``SettingsError`` naming the variable (the server then refuses to start). The work caps come
+        from ``settings`` unless given here."""
         raw = {}
         for name, (var, default, _) in SERVER_ENV.items():
-            value = overrides.get(name)
+            value = overrides.pop(name, None)
             raw[name] = value if value is not None else environ.get(var, default)
-        if raw["max_response_bytes"] is None:  # a response may be ~10 × its request (floats of short texts)
-            raw["max_response_bytes"] = max(MAX_RESPONSE_BYTES, 10 * settings.max_request_bytes)
+        work = Limits.of(settings)
+        unknown = set(overrides) - set(Limits.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown limit(s) {sorted(unknown)}")
         limits = cls(
             body_timeout_s=_setting_float(raw["body_timeout_s"], "JV3_BODY_TIMEOUT_S", minimum=0.001),
             max_connections=_setting_int(raw["max_connections"], "JV3_MAX_CONNECTIONS", minimum=1),
-            max_texts=_setting_int(raw["max_texts"], "JV3_MAX_TEXTS_PER_REQUEST", minimum=1),
-            max_records=_setting_int(raw["max_records"], "JV3_MAX_RECORDS_PER_REQUEST", minimum=1),
-            max_response_bytes=_setting_int(raw["max_response_bytes"], "JV3_MAX_RESPONSE_BYTES", minimum=1024),
+            work=Limits(**{**work.__dict__, **{k: v for k, v in overrides.items() if v is not None}}),
         )
         _check_descriptors(limits.max_connections)
         return limits
@@ -292,7 +281,7 @@ class EndpointServer(ThreadingHTTPServer):
         payload_mb = min(
             self.settings.max_request_bytes // MiB,
             int(self.settings.request_timeout_s * rate // MiB),
-            self.limits.max_response_bytes // RESPONSE_PER_REQUEST_BYTE // MiB,
+            self.limits.work.max_response_bytes // RESPONSE_PER_REQUEST_BYTE // MiB,
             SAGEMAKER_PAYLOAD_BUDGET_MB // engines,
         )
         payload_mb = max(1, payload_mb)  # 1 MB is the least a job can ask; on a CPU it may still take long

@@ -15,6 +15,10 @@ from .errors import SettingsError
 
 TASKS = ("retrieval.query", "retrieval.passage", "separation", "classification", "text-matching")
 ENCODINGS = ("float", "base64", "binary", "ubinary")
+# Work caps of one request, on every runtime (protocol.Limits): over any of them is 413 before compute.
+MAX_TEXTS = 2048  # texts of one JSON request: OpenAI's own cap on inputs, and 2,048 is a few seconds of a GPU
+MAX_RECORDS = 65536  # records of one JSON Lines or CSV body: 1 MB of 16-byte records (a small mini-batch)
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # the least default; a response may be ~10 × its request (floats of short texts)
 
 # variable name, default, help (README.md is generated from the same words)
 ENV = {
@@ -30,6 +34,10 @@ ENV = {
     "batch_wait_ms": ("JV3_BATCH_WAIT_MS", "2", "local/BYOC server: how long a request waits for others to share its forward pass"),
     "max_request_bytes": ("JV3_MAX_REQUEST_BYTES", str(6 * 1024 * 1024), "largest request body (SageMaker's real-time limit is 6 MB)"),
     "request_timeout_s": ("JV3_REQUEST_TIMEOUT_S", "60", "local/BYOC server: seconds before a request is answered 503"),
+    "max_texts": ("JV3_MAX_TEXTS_PER_REQUEST", str(MAX_TEXTS), "texts (or late-chunking chunks) of one JSON request; more is 413"),
+    "max_records": ("JV3_MAX_RECORDS_PER_REQUEST", str(MAX_RECORDS), "records of one JSON Lines or CSV body; more is 413"),
+    "max_response_bytes": ("JV3_MAX_RESPONSE_BYTES", "", "estimated response size at most; more is 413 "
+                           "(empty: 64 MiB or 10 × JV3_MAX_REQUEST_BYTES, the larger)"),
     "log_level": ("JV3_LOG_LEVEL", "INFO", "log level of the endpoint's loggers"),
 }
 
@@ -48,6 +56,9 @@ class Settings:
     batch_wait_ms: float
     max_request_bytes: int
     request_timeout_s: float
+    max_texts: int
+    max_records: int
+    max_response_bytes: int
     log_level: str
 
     @classmethod
@@ -61,6 +72,7 @@ class Settings:
             var, default, _ = ENV[f.name]
             value = overrides.get(f.name)
             raw[f.name] = value if value is not None else os.environ.get(var, default)
+        request_bytes = _int(raw["max_request_bytes"], "JV3_MAX_REQUEST_BYTES")
         return cls(
             default_task=_choice(raw["default_task"], TASKS, "JV3_DEFAULT_TASK"),
             default_dimensions=_optional_int(raw["default_dimensions"], "JV3_DEFAULT_DIMENSIONS"),
@@ -72,8 +84,12 @@ class Settings:
             device=str(raw["device"]),
             dtype=_choice(raw["dtype"], ("auto", "bfloat16", "float16", "float32"), "JV3_DTYPE"),
             batch_wait_ms=_float(raw["batch_wait_ms"], "JV3_BATCH_WAIT_MS", minimum=0),
-            max_request_bytes=_int(raw["max_request_bytes"], "JV3_MAX_REQUEST_BYTES"),
+            max_request_bytes=request_bytes,
             request_timeout_s=_float(raw["request_timeout_s"], "JV3_REQUEST_TIMEOUT_S", minimum=0.001),
+            max_texts=_int(raw["max_texts"], "JV3_MAX_TEXTS_PER_REQUEST"),
+            max_records=_int(raw["max_records"], "JV3_MAX_RECORDS_PER_REQUEST"),
+            max_response_bytes=_optional_int(raw["max_response_bytes"], "JV3_MAX_RESPONSE_BYTES", minimum=1024)
+            or max(MAX_RESPONSE_BYTES, 10 * request_bytes),
             log_level=str(raw["log_level"]).upper(),
         )
 
@@ -88,7 +104,7 @@ def _choice(value, choices, name):
 
 def _int(value, name, minimum=1):
     try:
-        number = int(value)
+        number = int(str(value).strip())  # str(): int() of a float would silently drop its fraction
     except (TypeError, ValueError):
         raise SettingsError(f"{name}={value!r} is not an integer") from None
     if number < minimum:
@@ -106,10 +122,10 @@ def _float(value, name, minimum):
     return number
 
 
-def _optional_int(value, name):
+def _optional_int(value, name, minimum=1):
     if value in ("", None):
         return None
-    return _int(value, name)
+    return _int(value, name, minimum)
 
 
 def _tasks(value) -> tuple[str, ...]:

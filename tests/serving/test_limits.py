@@ -257,15 +257,19 @@ def test_execution_parameters_wait_for_the_engines(engine):
 # ------------------------------------------------------------------------------------ the server's settings
 
 
-def test_server_limits_from_the_environment():
+def test_server_limits_from_the_environment(monkeypatch):
+    env = {"JV3_BODY_TIMEOUT_S": "2.5", "JV3_MAX_CONNECTIONS": "64"}
+    for var, value in {"JV3_MAX_TEXTS_PER_REQUEST": "10", "JV3_MAX_RECORDS_PER_REQUEST": "20"}.items():
+        monkeypatch.setenv(var, value)  # the work caps are settings of both runtimes (inference/settings.py)
     settings = Settings.resolve(max_request_bytes=100 * 2**20)
-    env = {"JV3_BODY_TIMEOUT_S": "2.5", "JV3_MAX_CONNECTIONS": "64", "JV3_MAX_TEXTS_PER_REQUEST": "10",
-           "JV3_MAX_RECORDS_PER_REQUEST": "20"}  # fmt: skip
     limits = ServerLimits.resolve(settings, environ=env)
-    assert (limits.body_timeout_s, limits.max_connections, limits.max_texts, limits.max_records) == (2.5, 64, 10, 20)
-    assert limits.max_response_bytes == 10 * 100 * 2**20  # derived from the request limit
-    assert ServerLimits.resolve(Settings.resolve(), environ={}).max_response_bytes == 64 * 2**20
-    assert ServerLimits.resolve(settings, environ={"JV3_MAX_RESPONSE_BYTES": "5000"}).max_response_bytes == 5000
+    assert (limits.body_timeout_s, limits.max_connections, limits.work.max_texts, limits.work.max_records) == (2.5, 64, 10, 20)
+    assert limits.work.max_response_bytes == 10 * 100 * 2**20  # derived from the request limit
+    monkeypatch.delenv("JV3_MAX_TEXTS_PER_REQUEST")
+    assert Settings.resolve().max_texts == 2048 and Settings.resolve().max_response_bytes == 64 * 2**20
+    monkeypatch.setenv("JV3_MAX_RESPONSE_BYTES", "5000")
+    assert ServerLimits.resolve(Settings.resolve(), environ={}).work.max_response_bytes == 5000
+    assert ServerLimits.resolve(Settings.resolve(), environ={}, max_texts=3).work.max_texts == 3  # an argument wins
 
 
 @pytest.mark.parametrize(
@@ -275,10 +279,13 @@ def test_server_limits_from_the_environment():
         ({"JV3_BODY_TIMEOUT_S": "nan"}, "JV3_BODY_TIMEOUT_S='nan' must be a finite number"),
         ({"JV3_MAX_TEXTS_PER_REQUEST": "0"}, "JV3_MAX_TEXTS_PER_REQUEST=0 must be at least 1"),
         ({"JV3_MAX_RECORDS_PER_REQUEST": "many"}, "JV3_MAX_RECORDS_PER_REQUEST='many' is not an integer"),
+        ({"JV3_MAX_RESPONSE_BYTES": "10"}, "JV3_MAX_RESPONSE_BYTES=10 must be at least 1024"),
         ({"JV3_MAX_CONNECTIONS": "10000000"}, "JV3_MAX_CONNECTIONS=10000000 does not fit the descriptor limit"),
     ],
 )
-def test_a_bad_server_setting_is_named(env, message):
+def test_a_bad_server_setting_is_named(env, message, monkeypatch):
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ServerLimits.resolve(Settings.resolve(), environ=env)
 
