@@ -30,11 +30,12 @@ from .wire import (
     parse_response,
     plan_requests,
     request_body,
-    validate_params,
-    validate_texts,
+    validate_call,
 )
 
 _NO_RESPONSE_LIMIT = 1 << 40
+# What ``submit`` takes besides the texts: ``embed``'s parameters, which do not include ``truncate``.
+_PARAMETERS = ("task", "dimensions", "late_chunking", "normalized", "embedding_type")
 
 
 @dataclass(frozen=True)
@@ -110,16 +111,7 @@ class AsyncEmbeddingClient:
 
     def submit(self, texts: Sequence[str], **parameters) -> list[AsyncInvocation]:
         """Stage each request body on S3 and queue it; returns handles for ``result``."""
-        texts = validate_texts(texts)
-        params = validate_params(
-            task=parameters.pop("task", DEFAULT_TASK),
-            dimensions=parameters.pop("dimensions", None),
-            late_chunking=parameters.pop("late_chunking", False),
-            normalized=parameters.pop("normalized", True),
-            embedding_type=parameters.pop("embedding_type", "float"),
-        )
-        if parameters:
-            raise InvalidArgument(f"unknown parameter(s) {sorted(parameters)}")
+        texts, params = validate_call(texts, parameters, accepted=_PARAMETERS)
         ranges = plan_requests(
             texts,
             params,

@@ -22,7 +22,6 @@ import botocore.exceptions
 import numpy as np
 import typer
 
-from . import aws
 from .batch import BatchJobError, BatchJobs, JobSettings, run_local
 from .batch.interrupt import Interrupted
 from .batch.minibatches import DEFAULT_MAX_RECORDS
@@ -250,7 +249,7 @@ def _settings(stack: str | None, region: str | None, **options) -> JobSettings:
     """The job's settings, built once: the stack's outputs (``options`` that are set override them),
     or the options alone, which must then name the model and both buckets."""
     if stack:
-        return JobSettings.from_stack(stack, cloudformation=aws.client("cloudformation", region_name=region), **options)
+        return JobSettings.from_stack(stack, region_name=region, **options)
     missing = [f"--{k.replace('_', '-')}" for k in ("model_name", "input_bucket", "output_bucket") if not options[k]]
     if missing:
         raise InvalidArgument(f"pass --stack, or all of {', '.join(missing)}")

@@ -51,8 +51,7 @@ from .wire import (
     parse_response,
     plan_requests,
     request_body,
-    validate_params,
-    validate_texts,
+    validate_call,
 )
 
 
@@ -144,14 +143,16 @@ class EmbeddingClient:
         ``.failed_indices``, ``.error``), the error itself when none was, ``BadResponse`` for an
         answer that is wrong, ``DeadlineExceeded`` past ``deadline``.
         """
-        texts = validate_texts(texts)
-        params = validate_params(
-            task=task,
-            dimensions=dimensions,
-            late_chunking=late_chunking,
-            normalized=normalized,
-            embedding_type=embedding_type,
-            truncate=truncate,
+        texts, params = validate_call(
+            texts,
+            {
+                "task": task,
+                "dimensions": dimensions,
+                "late_chunking": late_chunking,
+                "normalized": normalized,
+                "embedding_type": embedding_type,
+                "truncate": truncate,
+            },
         )
         if not texts:
             return no_vectors(params.dimensions, embedding_type)

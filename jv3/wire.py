@@ -10,8 +10,9 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -88,6 +89,32 @@ def validate_params(
         if not isinstance(value, bool):
             raise InvalidArgument(f"{name} must be True or False, got {value!r}")
     return EmbedParams(task, dimensions, late_chunking, normalized, embedding_type, truncate)
+
+
+# The parameters of an ``embed`` call and their defaults (the clients' signatures spell them out too).
+EMBED_DEFAULTS: dict[str, Any] = {
+    "task": DEFAULT_TASK,
+    "dimensions": None,
+    "late_chunking": False,
+    "normalized": True,
+    "embedding_type": "float",
+    "truncate": True,
+}
+
+
+def validate_call(
+    texts: Sequence[str], parameters: Mapping[str, Any], *, accepted: Collection[str] = tuple(EMBED_DEFAULTS)
+) -> tuple[list[str], EmbedParams]:
+    """The arguments of one ``embed`` call, checked in this order: the texts (``validate_texts``), the
+    ``parameters`` named in ``accepted`` (``validate_params``; those not given take ``EMBED_DEFAULTS``),
+    then that there are no others."""
+    texts = validate_texts(texts)
+    given = {name: value for name, value in parameters.items() if name in accepted}
+    params = validate_params(**{**EMBED_DEFAULTS, **given})
+    unknown = sorted(parameters.keys() - given.keys())
+    if unknown:
+        raise InvalidArgument(f"unknown parameter(s) {unknown}")
+    return texts, params
 
 
 def check_task(task: str) -> str:

@@ -81,8 +81,7 @@ class BatchJobs:
         ``JobSettings`` fields that override them, or keyword arguments of ``BatchJobs``."""
         fields = set(JobSettings.__dataclass_fields__)
         overrides = {k: options.pop(k) for k in list(options) if k in fields}
-        cloudformation = cloudformation or aws.client("cloudformation", region_name=region_name)
-        settings = JobSettings.from_stack(stack_name, cloudformation=cloudformation, **overrides)
+        settings = JobSettings.from_stack(stack_name, cloudformation=cloudformation, region_name=region_name, **overrides)
         return cls(settings, region_name=region_name, **options)
 
     @property

@@ -75,7 +75,12 @@ class JobSettings:
     max_concurrent_transforms: int = 1
 
     @classmethod
-    def from_stack(cls, stack_name: str, *, cloudformation, **overrides) -> JobSettings:
+    def from_stack(
+        cls, stack_name: str, *, cloudformation=None, region_name: str | None = None, **overrides
+    ) -> JobSettings:
+        """The stack's outputs, overridden by the ``overrides`` that are not None; ``cloudformation``
+        is made for ``region_name`` unless given."""
+        cloudformation = cloudformation or aws.client("cloudformation", region_name=region_name)
         outputs = stack_outputs(stack_name, cloudformation=cloudformation)
         values = {}
         for attribute, output in STACK_OUTPUTS.items():

@@ -1,11 +1,12 @@
-"""Fixtures of the client tests: stubbed runtimes, moto credentials, a retry policy that never
-sleeps, and (session-wide) the real local endpoint on loopback."""
+"""Fixtures of the client tests: stubbed runtimes, moto credentials and batch buckets, a retry policy
+that never sleeps, and (session-wide) the real local endpoint on loopback."""
 
 from __future__ import annotations
 
 import boto3
 import pytest
 from botocore.stub import Stubber
+from moto import mock_aws
 
 from jv3.retry import RetryPolicy
 
@@ -22,6 +23,16 @@ def aws_env(monkeypatch):
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+def batch_aws(aws_env):
+    """moto's S3, with the buckets jv3-in and jv3-out, and SageMaker: (s3, sagemaker) clients."""
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        for bucket in ("jv3-in", "jv3-out"):
+            s3.create_bucket(Bucket=bucket)
+        yield s3, boto3.client("sagemaker", region_name="us-east-1")
 
 
 @pytest.fixture

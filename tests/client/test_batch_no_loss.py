@@ -26,12 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-import boto3
 import pytest
 import typer
 from client_support import REPO, TINY
 from fake_endpoint import FakeEndpoint, Reply, Request
-from moto import mock_aws
 from typer.testing import CliRunner
 
 from jv3 import aws as client_aws
@@ -220,15 +218,6 @@ def test_cli_batch_local_refuses_an_oversized_record_before_starting_the_endpoin
         assert option.default is False and "by default the whole corpus is refused" in option.help
 
 
-@pytest.fixture
-def buckets(aws_env):
-    with mock_aws():
-        s3 = boto3.client("s3", region_name="us-east-1")
-        for bucket in ("jv3-in", "jv3-out"):
-            s3.create_bucket(Bucket=bucket)
-        yield s3, boto3.client("sagemaker", region_name="us-east-1")
-
-
 SETTINGS = batch.JobSettings(model_name="jv3-model", input_bucket="jv3-in", output_bucket="jv3-out")
 
 
@@ -247,8 +236,8 @@ def answer_staged(s3, manifest: batch.Manifest) -> None:
         s3.put_object(Bucket=bucket, Key=key, Body=reply.body)
 
 
-def test_batch_submit_refuses_an_oversized_record_before_uploading_anything(buckets, tmp_path):
-    s3, sagemaker = buckets
+def test_batch_submit_refuses_an_oversized_record_before_uploading_anything(batch_aws, tmp_path):
+    s3, sagemaker = batch_aws
     jobs = batch.BatchJobs(SETTINGS, s3=s3, sagemaker=sagemaker, progress=False)
     corpus, size = oversized_corpus(tmp_path)
     with pytest.raises(batch.OversizedRecord, match=f"line 25 of c.jsonl is a record of {size:,} bytes"):
@@ -266,8 +255,8 @@ def test_batch_submit_refuses_an_oversized_record_before_uploading_anything(buck
     assert staged_objects(s3) == []
 
 
-def test_batch_submit_skip_oversized_stages_a_placeholder_reported_with_the_clients_message(buckets, tmp_path):
-    s3, sagemaker = buckets
+def test_batch_submit_skip_oversized_stages_a_placeholder_reported_with_the_clients_message(batch_aws, tmp_path):
+    s3, sagemaker = batch_aws
     corpus, size = oversized_corpus(tmp_path)
     env = {"JV3_MODEL_NAME": "m", "JV3_INPUT_BUCKET": "jv3-in", "JV3_OUTPUT_BUCKET": "jv3-out"}
     result = runner.invoke(app, ["batch", "submit", str(corpus), "--skip-oversized", "--records-per-part", "10"],
@@ -330,8 +319,8 @@ def test_a_blank_line_of_a_text_corpus_is_an_error_record_not_an_empty_text(tmp_
     assert [("embedding" in r, r["id"]) for r in records] == [(True, 0), (False, 1), (True, 2)]
 
 
-def test_staged_blank_lines_are_placeholders_and_a_part_of_them_never_fails_the_job(buckets, tmp_path):
-    s3, sagemaker = buckets
+def test_staged_blank_lines_are_placeholders_and_a_part_of_them_never_fails_the_job(batch_aws, tmp_path):
+    s3, sagemaker = batch_aws
     corpus = write_jsonl(tmp_path / "c.jsonl", [json.dumps({"text": "a", "id": "a"}), "", "  ",
                                                  json.dumps({"text": "b", "id": "b"})])
     manifest = batch.stage_corpus(corpus, input_bucket="jv3-in", output_bucket="jv3-out", s3=s3, run_name="r",

@@ -9,7 +9,6 @@ import boto3
 import numpy as np
 import pytest
 from botocore.stub import Stubber
-from moto import mock_aws
 
 from jv3 import batch
 from jv3.errors import BatchJobError, InvalidArgument
@@ -88,15 +87,6 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
 
 
 @pytest.fixture
-def aws(aws_env):
-    with mock_aws():
-        s3 = boto3.client("s3", region_name="us-east-1")
-        for bucket in ("jv3-in", "jv3-out"):
-            s3.create_bucket(Bucket=bucket)
-        yield s3, boto3.client("sagemaker", region_name="us-east-1")
-
-
-@pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": f"doc {i}", "id": f"d{i}"}) + "\n" for i in range(25)))
@@ -107,14 +97,14 @@ SETTINGS = batch.JobSettings(model_name="jv3-model", input_bucket="jv3-in", outp
                              instance_type="ml.g5.xlarge", instance_count=2, max_concurrent_transforms=4)
 
 
-def stage(aws, corpus, **kw):
-    return batch.stage_corpus(corpus, input_bucket="jv3-in", output_bucket="jv3-out", s3=aws[0], run_name="run1",
-                              records_per_part=10, task="retrieval.passage", dimensions=8, **kw)
+def stage(batch_aws, corpus, **kw):
+    return batch.stage_corpus(corpus, input_bucket="jv3-in", output_bucket="jv3-out", s3=batch_aws[0],
+                              run_name="run1", records_per_part=10, task="retrieval.passage", dimensions=8, **kw)
 
 
-def test_stage_writes_parts_and_a_manifest(aws, corpus):
-    s3 = aws[0]
-    manifest = stage(aws, corpus)
+def test_stage_writes_parts_and_a_manifest(batch_aws, corpus):
+    s3 = batch_aws[0]
+    manifest = stage(batch_aws, corpus)
     assert [(p.name, p.records, p.first) for p in manifest.parts] == [
         ("part-00000.jsonl", 10, 0), ("part-00001.jsonl", 10, 10), ("part-00002.jsonl", 5, 20)
     ]
@@ -125,8 +115,8 @@ def test_stage_writes_parts_and_a_manifest(aws, corpus):
     assert batch.Manifest.load("s3://jv3-in/jv3-batch/run1", s3) == manifest
 
 
-def test_job_request_follows_the_batch_contract(aws, corpus):
-    request = batch.job_request(stage(aws, corpus, embedding_type="binary"), SETTINGS, job_name="run1")
+def test_job_request_follows_the_batch_contract(batch_aws, corpus):
+    request = batch.job_request(stage(batch_aws, corpus, embedding_type="binary"), SETTINGS, job_name="run1")
     assert request["BatchStrategy"] == "MultiRecord"
     assert request["TransformInput"] == {
         "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": "s3://jv3-in/jv3-batch/run1/parts/"}},
@@ -157,10 +147,10 @@ def write_outputs(s3, manifest, *, skip=(), error_at=()):
         s3.put_object(Bucket=bucket, Key=key, Body="".join(json.dumps(x) + "\n" for x in lines).encode())
 
 
-def test_submit_wait_collect_and_rerun_only_the_failed_parts(aws, corpus):
-    s3, sagemaker = aws
+def test_submit_wait_collect_and_rerun_only_the_failed_parts(batch_aws, corpus):
+    s3, sagemaker = batch_aws
     # GIVEN a staged corpus and a job
-    manifest = stage(aws, corpus)
+    manifest = stage(batch_aws, corpus)
     job = batch.submit(manifest, SETTINGS, sagemaker=sagemaker, s3=s3)
     described = batch.describe(job, sagemaker=sagemaker)
     assert described["ModelName"] == "jv3-model" and described["BatchStrategy"] == "MultiRecord"
@@ -195,9 +185,9 @@ def test_submit_wait_collect_and_rerun_only_the_failed_parts(aws, corpus):
     assert batch.collect(loaded, s3=s3).complete
 
 
-def test_saved_results_are_aligned_files(aws, corpus, tmp_path):
-    s3, _ = aws
-    manifest = stage(aws, corpus)
+def test_saved_results_are_aligned_files(batch_aws, corpus, tmp_path):
+    s3, _ = batch_aws
+    manifest = stage(batch_aws, corpus)
     write_outputs(s3, manifest, error_at={3})
     written = batch.collect(manifest, s3=s3).save(tmp_path / "out")
     assert sorted(p.name for p in written) == ["embeddings.npy", "errors.jsonl", "ids.json"]
@@ -243,8 +233,8 @@ def test_job_settings_come_from_the_stack_outputs(aws_env):
             batch.JobSettings.from_stack("missing", cloudformation=cfn)
 
 
-def test_batch_jobs_is_the_whole_life_of_a_run_in_one_object(aws, corpus, tmp_path):
-    s3, sagemaker = aws
+def test_batch_jobs_is_the_whole_life_of_a_run_in_one_object(batch_aws, corpus, tmp_path):
+    s3, sagemaker = batch_aws
     jobs = batch.BatchJobs(SETTINGS, s3=s3, sagemaker=sagemaker, progress=False, sleep=lambda _: None)
     # submit: staged parts and a job over all of them
     run = jobs.submit(corpus, task="retrieval.passage", dimensions=8, records_per_part=10, run_name="run1")
@@ -269,10 +259,10 @@ def test_batch_jobs_is_the_whole_life_of_a_run_in_one_object(aws, corpus, tmp_pa
         batch.BatchJobs(s3=s3, sagemaker=sagemaker).submit(corpus)
 
 
-def test_s3_uris_are_read_and_built_in_one_place(aws):
+def test_s3_uris_are_read_and_built_in_one_place(batch_aws):
     from jv3 import aws as client_aws
 
-    s3, _ = aws
+    s3, _ = batch_aws
     assert client_aws.join_s3_uri("s3://b/run/", "parts", "x.jsonl") == "s3://b/run/parts/x.jsonl"
     assert client_aws.join_s3_uri("s3://b", "x") == client_aws.join_s3_uri("s3://b/", "x") == "s3://b/x"
     with pytest.raises(InvalidArgument, match="expected an s3://bucket/key URI"):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from botocore.stub import ANY, Stubber
 from client_support import body, contract
-from moto import mock_aws
 from typer.testing import CliRunner
 
 from jv3 import aws as client_aws
@@ -119,25 +118,21 @@ def test_bad_arguments_are_one_line_errors(aws_env):
     assert result.exit_code == 1 and "late chunking sends all 1 chunks" in result.stderr
 
 
-def test_batch_submit_status_fetch_with_explicit_settings(aws_env, tmp_path):
+def test_batch_submit_status_fetch_with_explicit_settings(batch_aws, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"doc {i}\n" for i in range(7)))
-    with mock_aws():
-        s3 = boto3.client("s3", region_name="us-east-1")
-        s3.create_bucket(Bucket="jv3-in")
-        s3.create_bucket(Bucket="jv3-out")
-        env = {"JV3_MODEL_NAME": "m", "JV3_INPUT_BUCKET": "jv3-in", "JV3_OUTPUT_BUCKET": "jv3-out"}
-        result = runner.invoke(app, ["batch", "submit", str(corpus), "--records-per-part", "5", "-d", "4"], env=env)
-        assert result.exit_code == 0, result.output
-        job = result.stdout.strip()
-        assert job.startswith("jv3-") and "staged 7 records in 2 parts" in result.stderr
-        status = runner.invoke(app, ["batch", "status", job])
-        assert status.exit_code == 0 and status.stdout.strip() == f"{job}: Completed, 0/2 parts"
-        # no outputs yet: fetch saves what there is and fails with a hint to re-run
-        fetched = runner.invoke(app, ["batch", "fetch", job, "-o", str(tmp_path / "o")])
-        assert fetched.exit_code == 1 and f"jv3 batch rerun {job}" in fetched.stderr
-        rerun = runner.invoke(app, ["batch", "rerun", job])
-        assert rerun.exit_code == 0 and "re-running 2 of 2 parts" in rerun.stderr
+    env = {"JV3_MODEL_NAME": "m", "JV3_INPUT_BUCKET": "jv3-in", "JV3_OUTPUT_BUCKET": "jv3-out"}
+    result = runner.invoke(app, ["batch", "submit", str(corpus), "--records-per-part", "5", "-d", "4"], env=env)
+    assert result.exit_code == 0, result.output
+    job = result.stdout.strip()
+    assert job.startswith("jv3-") and "staged 7 records in 2 parts" in result.stderr
+    status = runner.invoke(app, ["batch", "status", job])
+    assert status.exit_code == 0 and status.stdout.strip() == f"{job}: Completed, 0/2 parts"
+    # no outputs yet: fetch saves what there is and fails with a hint to re-run
+    fetched = runner.invoke(app, ["batch", "fetch", job, "-o", str(tmp_path / "o")])
+    assert fetched.exit_code == 1 and f"jv3 batch rerun {job}" in fetched.stderr
+    rerun = runner.invoke(app, ["batch", "rerun", job])
+    assert rerun.exit_code == 0 and "re-running 2 of 2 parts" in rerun.stderr
 
 
 def test_batch_submit_without_settings_names_what_is_missing(aws_env, tmp_path):
@@ -147,24 +142,20 @@ def test_batch_submit_without_settings_names_what_is_missing(aws_env, tmp_path):
     assert result.stderr.strip() == "error: pass --stack, or all of --model-name, --input-bucket, --output-bucket"
 
 
-def test_batch_rerun_keeps_the_settings_of_the_job_kms_key_included(aws_env, tmp_path):
+def test_batch_rerun_keeps_the_settings_of_the_job_kms_key_included(batch_aws, tmp_path):
     # the bug: rerun rebuilt the settings from a few fields of the job and dropped the outputs' KMS key
+    _, sagemaker = batch_aws
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"doc {i}\n" for i in range(4)))
     key = "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-3333-4444-555555555555"
-    with mock_aws():
-        s3 = boto3.client("s3", region_name="us-east-1")
-        s3.create_bucket(Bucket="jv3-in")
-        s3.create_bucket(Bucket="jv3-out")
-        env = {"JV3_MODEL_NAME": "m", "JV3_INPUT_BUCKET": "jv3-in", "JV3_OUTPUT_BUCKET": "jv3-out", "JV3_KMS_KEY_ARN": key}
-        submitted = runner.invoke(app, ["batch", "submit", str(corpus), "--records-per-part", "2",
-                                        "--instance-type", "ml.g4dn.xlarge", "--instance-count", "2"], env=env)
-        assert submitted.exit_code == 0, submitted.output
-        rerun = runner.invoke(app, ["batch", "rerun", submitted.stdout.strip()], env={"JV3_KMS_KEY_ARN": ""})
-        assert rerun.exit_code == 0, rerun.output
-        sagemaker = boto3.client("sagemaker", region_name="us-east-1")
-        first, again = (sagemaker.describe_transform_job(TransformJobName=name)
-                        for name in (submitted.stdout.strip(), rerun.stdout.strip()))
+    env = {"JV3_MODEL_NAME": "m", "JV3_INPUT_BUCKET": "jv3-in", "JV3_OUTPUT_BUCKET": "jv3-out", "JV3_KMS_KEY_ARN": key}
+    submitted = runner.invoke(app, ["batch", "submit", str(corpus), "--records-per-part", "2",
+                                    "--instance-type", "ml.g4dn.xlarge", "--instance-count", "2"], env=env)
+    assert submitted.exit_code == 0, submitted.output
+    rerun = runner.invoke(app, ["batch", "rerun", submitted.stdout.strip()], env={"JV3_KMS_KEY_ARN": ""})
+    assert rerun.exit_code == 0, rerun.output
+    first, again = (sagemaker.describe_transform_job(TransformJobName=name)
+                    for name in (submitted.stdout.strip(), rerun.stdout.strip()))
     assert first["TransformOutput"]["KmsKeyId"] == key
     assert again["TransformOutput"] == first["TransformOutput"]
     for field in ("ModelName", "TransformResources", "MaxConcurrentTransforms", "Environment"):

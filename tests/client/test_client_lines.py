@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 
-import boto3
 import numpy as np
 import pytest
 from fake_endpoint import FakeEndpoint, Reply, jina_ok
-from moto import mock_aws
 from typer.testing import CliRunner
 
 from jv3 import batch
@@ -107,16 +105,8 @@ def test_text_and_jsonl_corpora_keep_one_record_per_line(tmp_path):
     assert all(len(line.splitlines()) == 1 for line in lines)  # staged lines split the same way for any reader
 
 
-@pytest.fixture
-def s3(aws_env):
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        for bucket in ("jv3-in", "jv3-out"):
-            client.create_bucket(Bucket=bucket)
-        yield client
-
-
-def test_staging_and_collecting_keep_every_record_and_id(s3, tmp_path):
+def test_staging_and_collecting_keep_every_record_and_id(batch_aws, tmp_path):
+    s3, _ = batch_aws
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n"
                               for t, i in zip(TEXTS, IDS, strict=True)), encoding="utf-8")
@@ -138,7 +128,8 @@ def test_staging_and_collecting_keep_every_record_and_id(s3, tmp_path):
     assert batch.failed_parts(manifest, s3=s3) == []
 
 
-def test_an_output_record_with_a_bad_embedding_is_an_error_record_and_its_part_is_re_run(s3, tmp_path):
+def test_an_output_record_with_a_bad_embedding_is_an_error_record_and_its_part_is_re_run(batch_aws, tmp_path):
+    s3, _ = batch_aws
     corpus = tmp_path / "c.txt"
     corpus.write_text("a\nb\n")
     manifest = batch.stage_corpus(corpus, input_bucket="jv3-in", output_bucket="jv3-out", s3=s3, run_name="r")

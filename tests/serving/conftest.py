@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,41 @@ def engine():
     from inference.settings import Settings
 
     return Engine.load(TINY, settings=Settings.resolve(device="cpu", dtype="float32"))
+
+
+class Counting:
+    """The session's engine, counting ``embed_many`` calls: 'never processed' or 'refused at once'
+    means zero of them."""
+
+    def __init__(self, engine):
+        self._engine, self.calls = engine, 0
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def embed_many(self, requests):
+        self.calls += 1
+        return self._engine.embed_many(requests)
+
+
+@pytest.fixture
+def start_server():
+    """``start(engines, **options)``: ``inference.serve.make_server(engines, port=0, **options)`` serving
+    on a daemon thread in this process; returns the server. Each one is shut down after the test."""
+    from inference.serve import make_server
+
+    started = []
+
+    def start(engines, **options):
+        server = make_server(engines, port=0, **options)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.shutdown()
+        server.server_close()
 
 
 class Endpoint:

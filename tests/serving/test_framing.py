@@ -13,49 +13,28 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from inference.serve import ServerLimits, make_server
+from inference.serve import ServerLimits
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, Counting
 
 JSONL_RECORDS = [f'{{"text": "record {i}", "id": {i}}}' for i in range(10)]
 JSONL_BODY = ("\n".join(JSONL_RECORDS) + "\n").encode()
 
 
-class Counting:
-    """The session's engine, counting ``embed_many`` calls: 'never processed' means zero of them."""
-
-    def __init__(self, engine):
-        self._engine, self.calls = engine, 0
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def embed_many(self, requests):
-        self.calls += 1
-        return self._engine.embed_many(requests)
-
-
 @pytest.fixture
-def serve(engine):
+def serve(engine, start_server):
     """Start an in-process server with these limits (body timeout 1 s unless given): (server, counting engine)."""
-    started = []
 
     def start(**limits):
         counting = Counting(engine)
-        server = make_server(counting, port=0, settings=engine.settings, limits=ServerLimits(**{"body_timeout_s": 1.0, **limits}))
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        started.append(server)
-        return server, counting
+        limits = ServerLimits(**{"body_timeout_s": 1.0, **limits})
+        return start_server(counting, settings=engine.settings, limits=limits), counting
 
-    yield start
-    for server in started:
-        server.shutdown()
-        server.server_close()
+    return start
 
 
 def port_of(server) -> int:

@@ -4,11 +4,9 @@ server's own settings are checked at start-up."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -17,46 +15,25 @@ import pytest
 from inference import protocol
 from inference.errors import PayloadTooLarge, SettingsError
 from inference.request import EmbedResult
-from inference.serve import ServerLimits, make_server
+from inference.serve import ServerLimits
 from inference.settings import Settings
 
-from .conftest import REPO, TINY, Endpoint
+from .conftest import REPO, TINY, Counting, Endpoint
 
 JSON_CT = {"Content-Type": "application/json"}
 JSONL_CT = {"Content-Type": "application/jsonlines"}
 CSV_CT = {"Content-Type": "text/csv"}
 
 
-class Counting:
-    """The session's engine, counting ``embed_many`` calls: 'refused at once' means zero of them."""
-
-    def __init__(self, engine):
-        self._engine, self.calls = engine, 0
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def embed_many(self, requests):
-        self.calls += 1
-        return self._engine.embed_many(requests)
-
-
 @pytest.fixture
-def serve(engine):
-    started = []
-
+def serve(engine, start_server):
     def start(engines=None, settings: Settings | None = None, **limits):
         engines = engines or [Counting(engine)]
         settings = settings or engine.settings
-        server = make_server(engines, port=0, settings=settings, limits=ServerLimits.resolve(settings, **limits))
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        started.append(server)
+        server = start_server(engines, settings=settings, limits=ServerLimits.resolve(settings, **limits))
         return Endpoint(process=None, port=server.server_address[1]), engines[0]
 
-    yield start
-    for server in started:
-        server.shutdown()
-        server.server_close()
+    return start
 
 
 def timed(endpoint, *args):
@@ -241,17 +218,9 @@ def test_execution_parameters_follow_the_engines_and_the_timeout(serve):
     assert two_cpus["MaxConcurrentTransforms"] == 2 and two_cpus["MaxPayloadInMB"] == 1
 
 
-def test_execution_parameters_wait_for_the_engines(engine):
-    server = make_server(None, port=0, settings=engine.settings, limits=ServerLimits())
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
-        conn.request("GET", "/execution-parameters")
-        assert conn.getresponse().status == 503
-        conn.close()
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_execution_parameters_wait_for_the_engines(engine, start_server):
+    server = start_server(None, settings=engine.settings, limits=ServerLimits())
+    assert Endpoint(process=None, port=server.server_address[1]).request("GET", "/execution-parameters")[0] == 503
 
 
 # ------------------------------------------------------------------------------------ the server's settings
