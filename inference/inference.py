@@ -14,15 +14,33 @@ one of two ways:
   docs/wire-format.md's body;
 - no such context (other servers, tests): we raise ``BaseInferenceToolkitError`` with our status and
   JSON body when ``sagemaker_inference`` is importable, else the ``JV3Error`` itself.
+
+Work caps. ``input_fn`` bounds each request as the local/BYOC server does (docs/wire-format.md,
+"Limits"), before ``predict_fn`` computes anything: the body (``JV3_MAX_REQUEST_BYTES``; a body over
+TorchServe's own ``max_request_size`` never reaches us: TorchServe answers it 413 with an empty body),
+its texts or records (``protocol.Limits``) and its estimated response. The toolkit hands the Accept header to ``output_fn``
+only, so ``input_fn`` reads it where the toolkit does (``_toolkit_accept``): an Accept this endpoint
+cannot answer is a 406 before compute too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from http import HTTPStatus
 
 from .errors import JV3Error, ModelError
-from .protocol import JSON, Invocation, error_body, negotiate, parse_request, write_response
+from .protocol import (
+    JSON,
+    Invocation,
+    Limits,
+    check_request_size,
+    check_response_size,
+    error_body,
+    negotiate,
+    parse_request,
+    write_response,
+)
 from .settings import TASKS, Settings
 from .torchserve import stop_model_server, worker_gpu
 
@@ -55,16 +73,52 @@ def model_fn(model_dir: str, context=None):
 
 
 def input_fn(body, content_type: str, context=None):
+    """Parse one request, refusing (4xx) before any compute what the local/BYOC server refuses."""
     engine = _loaded.get("engine")
+    settings = _settings()
+    limits = Limits.of(settings)
     try:
-        return parse_request(
+        size = _body_bytes(body)
+        check_request_size(size, settings.max_request_bytes)
+        invocation = parse_request(
             body,
             content_type,
             hidden_size=engine.hidden_size if engine is not None else 1 << 30,  # the engine checks again
             tasks=engine.tasks if engine is not None else TASKS,
+            limits=limits,
         )
+        media = negotiate(_toolkit_accept(context), invocation)  # output_fn negotiates the same Accept again
+        if engine is not None:  # no engine, no hidden size to estimate with (tests that skip model_fn)
+            check_response_size(
+                invocation, media, limits, hidden_size=engine.hidden_size, echoed_bytes=size,
+                default_dimensions=settings.default_dimensions, default_encoding=settings.default_encoding,
+            )  # fmt: skip
+        return invocation
     except JV3Error as err:
         return _fail(err, context)
+
+
+def _body_bytes(body) -> int:
+    """The body's size in bytes: the toolkit hands JSON and CSV bodies over decoded to ``str``."""
+    if isinstance(body, str):
+        return len(body) if body.isascii() else len(body.encode("utf-8"))  # isascii() is O(1) in CPython
+    return len(body)
+
+
+def _toolkit_accept(context) -> str | None:
+    """The Accept the toolkit will pass ``output_fn`` for this request, or None outside TorchServe.
+
+    Read as sagemaker-inference's ``Transformer.transform`` reads it: from the first request's properties
+    on TorchServe's context (the one context object, updated for each request), a missing Accept or
+    ``*/*`` replaced by ``SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT`` (default ``application/json``)."""
+    try:
+        properties = context.request_processor[0].get_request_properties()
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    accept = properties.get("Accept") or properties.get("accept")
+    if not accept or accept == "*/*":
+        accept = os.environ.get("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT", JSON)
+    return accept
 
 
 def predict_fn(data, model, context=None):

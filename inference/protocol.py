@@ -825,6 +825,16 @@ def openai_error_body(error: JV3Error) -> bytes:
     return _json_bytes({"error": {"message": error.message, "type": kind, "param": error.field, "code": error.kind}})
 
 
+def check_request_size(size: int, limit: int) -> None:
+    """Refuse (413) a request body of more than ``limit`` bytes (``JV3_MAX_REQUEST_BYTES``)."""
+    if size > limit:
+        raise PayloadTooLarge(
+            f"request body of {size} bytes is over the limit of {limit} bytes (JV3_MAX_REQUEST_BYTES; "
+            f"SageMaker real-time endpoints allow 6 MB): split the batch",
+            field="body",
+        )
+
+
 def check_response_size(
     invocation: Invocation,
     accept: str,

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from serving.conftest import REPO, TINY, start_endpoint, stop_endpoint
 
+from inference.settings import MAX_RECORDS, MAX_TEXTS
 from infra.config import DeploySettings
 
 from . import stack
@@ -64,7 +65,12 @@ CASES = [
     _case("not-acceptable", {"input": "x"}, accept="image/png"),
     _case("empty-input", {"input": []}),
     _case("parameters-not-object", {"data": TEXTS, "parameters": []}),
+    # the work caps (docs/wire-format.md, "Limits"): 413 naming the cap, before any compute, on every runtime
+    _case("too-many-texts", {"data": ["x"] * (MAX_TEXTS + 1)}),
+    _case("too-many-records", '"x"\n' * (MAX_RECORDS + 1), content_type="application/jsonlines",
+          accept="application/jsonlines"),  # fmt: skip
 ]
+OVER_CAP = {"too-many-texts": "JV3_MAX_TEXTS_PER_REQUEST", "too-many-records": "JV3_MAX_RECORDS_PER_REQUEST"}
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +178,15 @@ def test_every_request_answers_as_the_local_server(served, local, case):
         assert error["code"] == status and error["message"] and "Traceback" not in error["message"]
 
 
+@pytest.mark.parametrize("case", sorted(OVER_CAP))
+def test_over_cap_requests_are_413_naming_the_cap_on_the_dlc(served, case):
+    """The DLC handler applies the local/BYOC server's work caps (the comparison above checks the body)."""
+    got = next(r for r in served["responses"] if r["name"] == case)
+    error = json.loads(base64.b64decode(got["body_b64"]))["error"]
+    assert got["status"] == 413 and error["type"] == "payload_too_large", error
+    assert OVER_CAP[case] in error["message"] and "split" in error["message"]
+
+
 def test_the_stacks_environment_selects_the_projects_handler_service(served):
     """TorchServe takes TS_DEFAULT_SERVICE_HANDLER over the toolkit's config: invalid UTF-8 is our 400."""
     assert _environment()["TS_DEFAULT_SERVICE_HANDLER"] == "jv3_inference.sagemaker_service"
@@ -197,6 +212,23 @@ def test_served_config_and_worker(served):
     config = served["ts_config"]
     assert '"minWorkers": 1,' in config and '"maxWorkers": 1,' in config
     assert served["log"].count("loaded jina-embeddings-v3 from") == 1
+
+
+def test_a_body_over_jv3_max_request_bytes_is_the_handlers_413_and_over_torchserves_limit_its_own(venv, archive):
+    """GIVEN JV3_MAX_REQUEST_BYTES below TorchServe's max_request_size WHEN bodies of each size arrive THEN
+    one over ours is the handler's JSON 413 naming the variable, and one over TorchServe's is refused by
+    TorchServe itself with an empty 413 (why the stacks set the two limits equal: docs/wire-format.md)."""
+    limits = {"JV3_MAX_REQUEST_BYTES": "100000", "TS_MAX_REQUEST_SIZE": "200000", "SAGEMAKER_TS_MAX_REQUEST_SIZE": "200000"}
+    cases = [_case("fits", {"data": ["x" * 1000] * 50}), _case("over-ours", {"data": ["x" * 1000] * 150}),
+             _case("over-torchserve", {"data": ["x" * 1000] * 250})]  # fmt: skip
+    record = stack.run_dlc(archive, _environment(**limits), cases, venv=venv)
+    fits, ours, torchserve = record["responses"]
+    assert fits["status"] == 200, base64.b64decode(fits["body_b64"])[:500]
+    error = json.loads(base64.b64decode(ours["body_b64"]))["error"]
+    assert ours["status"] == 413 and error["type"] == "payload_too_large" and error["field"] == "body"
+    size = len(base64.b64decode(cases[1]["body_b64"]))
+    assert error["message"].startswith(f"request body of {size} bytes is over the limit of 100000 bytes (JV3_MAX_REQUEST_BYTES")
+    assert torchserve["status"] == 413 and base64.b64decode(torchserve["body_b64"]) == b""
 
 
 def test_a_setting_the_model_rejects_stops_the_server(venv, archive):
