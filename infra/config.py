@@ -301,8 +301,12 @@ class DeploySettings:
         else:
             raise InfraConfigError(f"container mode {mode!r} is not valid; expected one of realtime, batch, async")
         jv3 = {var: value for var, value in self._container_settings().items() if value is not None}
-        # The BYOC server enforces this itself; on the DLC it equals TorchServe's limit.
+        # Both runtimes' handlers enforce these caps themselves, answering a 413 that names them.
+        # TorchServe's own request limit sits at twice ours, so that an oversized body reaches our
+        # handler (TorchServe's own 413 has an empty body), and its response limit equals our cap.
         jv3["JV3_MAX_REQUEST_BYTES"] = str(request_bytes)
+        jv3["JV3_MAX_RESPONSE_BYTES"] = str(response_bytes)
+        torchserve_request_bytes = str(2 * request_bytes)
         if self.is_byoc:
             return {**jv3, "JV3_REQUEST_TIMEOUT_S": str(server_timeout_s)}
         workers = str(self.model_server_workers)
@@ -318,11 +322,11 @@ class DeploySettings:
             "SAGEMAKER_TS_MIN_WORKERS": workers,
             "SAGEMAKER_TS_MAX_WORKERS": workers,
             # TorchServe reads TS_* (enable_envvars_config), the SageMaker toolkit reads SAGEMAKER_TS_*.
-            "TS_MAX_REQUEST_SIZE": str(request_bytes),
+            "TS_MAX_REQUEST_SIZE": torchserve_request_bytes,
             "TS_MAX_RESPONSE_SIZE": str(response_bytes),
             "TS_DEFAULT_RESPONSE_TIMEOUT": str(timeout_s),
             "TS_DEFAULT_SERVICE_HANDLER": TS_HANDLER_SERVICE,
-            "SAGEMAKER_TS_MAX_REQUEST_SIZE": str(request_bytes),
+            "SAGEMAKER_TS_MAX_REQUEST_SIZE": torchserve_request_bytes,
             "SAGEMAKER_TS_MAX_RESPONSE_SIZE": str(response_bytes),
             "SAGEMAKER_TS_RESPONSE_TIMEOUT": str(timeout_s),
             **jv3,

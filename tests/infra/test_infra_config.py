@@ -112,7 +112,9 @@ def test_container_environment_carries_sdk_torchserve_and_jv3_names():
     assert int(env["TS_MAX_RESPONSE_SIZE"]) >= 40 * 1024 * 1024
     assert env["JV3_DEFAULT_TASK"] == "retrieval.query" and env["JV3_DEFAULT_DIMENSIONS"] == "256"
     assert "JV3_TASKS" not in env and "JV3_DEFAULT_ENCODING" not in env
-    assert env["JV3_MAX_REQUEST_BYTES"] == env["TS_MAX_REQUEST_SIZE"]
+    # our handler, not TorchServe, refuses an oversized body or response, with a 413 naming the cap
+    assert int(env["TS_MAX_REQUEST_SIZE"]) > int(env["JV3_MAX_REQUEST_BYTES"])
+    assert env["JV3_MAX_RESPONSE_BYTES"] == env["TS_MAX_RESPONSE_SIZE"]
     batch = resolve(JV3_RUNTIME="dlc").container_environment("batch")
     assert int(batch["TS_MAX_REQUEST_SIZE"]) >= 100 * 1024 * 1024 and batch["TS_DEFAULT_RESPONSE_TIMEOUT"] == "3600"
 
@@ -121,8 +123,10 @@ def test_container_environment_carries_sdk_torchserve_and_jv3_names():
 def test_byoc_environment_is_the_servers_own_sized_to_the_mode():
     s = resolve()
     realtime, batch, async_ = (s.container_environment(m) for m in ("realtime", "batch", "async"))
-    assert realtime == {"JV3_MAX_REQUEST_BYTES": str(8 * 1024 * 1024), "JV3_REQUEST_TIMEOUT_S": "55"}
-    assert batch == async_ == {"JV3_MAX_REQUEST_BYTES": str(100 * 1024 * 1024), "JV3_REQUEST_TIMEOUT_S": "3600"}
+    assert realtime == {"JV3_MAX_REQUEST_BYTES": str(8 * 1024 * 1024), "JV3_MAX_RESPONSE_BYTES": str(64 * 1024 * 1024),
+                        "JV3_REQUEST_TIMEOUT_S": "55"}  # fmt: skip
+    assert batch == async_ == {"JV3_MAX_REQUEST_BYTES": str(100 * 1024 * 1024), "JV3_MAX_RESPONSE_BYTES": str(1024**3),
+                               "JV3_REQUEST_TIMEOUT_S": "3600"}  # fmt: skip
     given = resolve(JV3_DEFAULT_TASK="separation", JV3_TASKS="separation,classification",
                     JV3_INSTANCE_TYPE="ml.g5.12xlarge").container_environment()
     assert given["JV3_DEFAULT_TASK"] == "separation" and given["JV3_TASKS"] == "separation,classification"

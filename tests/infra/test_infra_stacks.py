@@ -88,6 +88,7 @@ def test_byoc_models_run_the_asset_image_with_only_the_servers_environment(defau
         assert not set(JV3_CONTAINER_SETTINGS) & set(env), name
         realtime = name.startswith("Model")
         assert env == {"JV3_MAX_REQUEST_BYTES": str((8 if realtime else 100) * 1024 * 1024),
+                       "JV3_MAX_RESPONSE_BYTES": str((64 if realtime else 1024) * 1024 * 1024),
                        "JV3_REQUEST_TIMEOUT_S": "55" if realtime else "3600"}, name
     assert len(images) == 1, "every model runs the one image built from the Dockerfile"
 
