@@ -168,8 +168,7 @@ def build_package(
         if selection.left_out:
             say(f"left out {len(selection.left_out)} file(s) the endpoint does not read: {_names(selection.left_out)} "
                 "(listed in manifest.json; --include GLOB packs one)")  # fmt: skip
-        with tempfile.TemporaryDirectory(prefix=f"{STAGE_PREFIX}{_owner()}-", dir=output.parent) as stage_name:
-            stage = Path(stage_name)
+        with _staging(output.parent) as stage:
             _copy_selection(selection, stage)
             code = stage / "code"
             shutil.copytree(
@@ -227,6 +226,34 @@ def _interruptible():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _staging(parent: Path):
+    """A fresh staging folder in ``parent``, removed on the way out however the build ends."""
+    stage = None
+    try:
+        with _signals_held():  # a signal between mkdtemp and `stage = ...` would leave the folder behind
+            stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{_owner()}-", dir=parent))
+        yield stage
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGTERM/SIGINT/SIGHUP while a temp path is created and recorded: a signal then arrives
+    when the block ends, by which time the cleanup knows the path (``_interruptible`` turns it into
+    ``Interrupted`` there). Only the main thread's handlers run Python code, so elsewhere nothing is held."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _owner() -> str:
@@ -537,9 +564,11 @@ def _tar(stage: Path, output: Path) -> None:
     """gzip level 1: weights barely compress, and level 9 would take minutes on a 1 GB checkpoint."""
     paths = sorted(p for p in stage.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in paths)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.{_owner()}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
+    tmp = None
     try:
+        with _signals_held():  # a signal between mkstemp and `tmp = ...` would leave a .tmp behind
+            fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.{_owner()}.", suffix=".tmp", dir=output.parent)
+            os.close(fd)
         with (
             tarfile.open(tmp, "w:gz", compresslevel=1) as tar,
             tqdm(total=total, unit="B", unit_scale=True, desc=output.name, disable=None if total > 64 << 20 else True) as bar,
@@ -554,7 +583,8 @@ def _tar(stage: Path, output: Path) -> None:
         os.chmod(tmp, 0o644)
         os.replace(tmp, output)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
