@@ -11,10 +11,13 @@ SageMaker runtime API's own ``POST /endpoints/{name}/invocations`` so that plain
 the one SageMaker control-plane call clients make before they invoke, ``DescribeEndpoint`` (``POST /``
 with ``X-Amz-Target: SageMaker.DescribeEndpoint``, botocore's json protocol), answered InService.
 
-Handler threads parse and serialise; one batcher thread per engine (one engine per GPU, from
-``JV3_DEVICE``) takes the first waiting request from the shared queue, gathers others for up to
-``JV3_BATCH_WAIT_MS`` (or until its token budget is full) and embeds them all with one
-``engine.embed_many`` call, so concurrent callers share forward passes and every GPU stays busy.
+Handler threads parse, tokenise (``engine.prepare``) and serialise; one batcher thread per engine (one
+engine per GPU, from ``JV3_DEVICE``) takes its batches from the shared scheduler (``inference/scheduling.py``):
+after gathering for up to ``JV3_BATCH_WAIT_MS`` (or until its token budget is full), units of at most an
+eighth of the budget taken round-robin across the waiting requests, embedded with one ``engine.embed_many``
+call, so concurrent callers share forward passes, a small request never waits behind a large one for
+more than a batch, and every GPU stays busy. A request's work that nobody waits for any more (its
+``JV3_REQUEST_TIMEOUT_S`` passed, or its client closed the connection) is dropped at the next batch.
 
 Health tells the truth: the port is bound at once, but ``/ping`` answers 503 until every engine is
 loaded, and a model that cannot load ends the process with status 1 (SageMaker then fails the
@@ -38,6 +41,7 @@ import os
 import queue
 import re
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -63,7 +67,8 @@ from .protocol import (
     parse_request,
     write_response,
 )
-from .request import EmbedRequest, EmbedResult
+from .request import EmbedRequest
+from .scheduling import UNIT_SHARE, Job, Scheduler
 from .settings import Settings
 
 log = logging.getLogger("jv3.serve")
@@ -90,6 +95,7 @@ TEXT_BYTES_PER_S = {"cuda": 100_000, "cpu": 2_000}
 # A 1024-dimension float response is ~13 KB per record: ~16 bytes of response per byte of ~800-byte records.
 RESPONSE_PER_REQUEST_BYTE = 16
 SAGEMAKER_PAYLOAD_BUDGET_MB = 100  # SageMaker: MaxPayloadInMB × MaxConcurrentTransforms ≤ 100
+WAIT_SLICE_S = 0.05  # how often a handler waiting for its job checks that its client is still there
 # The server's own settings beyond inference/settings.py (whose work caps both runtimes apply):
 # variable, default, meaning.
 SERVER_ENV = {
@@ -162,13 +168,13 @@ def _check_descriptors(max_connections: int) -> None:
 
 
 class Batcher:
-    """One thread that owns one engine and embeds requests from the shared queue together."""
+    """One thread that owns one engine and embeds the batches the shared scheduler gives it."""
 
-    def __init__(self, engine, jobs: queue.Queue, *, wait_ms: float, name: str = "jv3-batcher"):
+    def __init__(self, engine, scheduler: Scheduler, *, wait_ms: float, name: str = "jv3-batcher"):
         self.engine = engine
         self.wait_s = max(wait_ms, 0) / 1000
         self.max_tokens = engine.max_batch_tokens  # the engine's budget: one default, in the engine
-        self._queue = jobs
+        self._scheduler = scheduler
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -177,55 +183,26 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
-                self._queue.put(None)  # the next batcher stops too
+            batch = self._scheduler.next_batch(self.max_tokens, self.wait_s)
+            if batch is None:
                 return
-            jobs, tokens, deadline = [job], job.tokens, time.monotonic() + self.wait_s
-            stop = False
-            while tokens < self.max_tokens:
-                try:
-                    nxt = self._queue.get(timeout=max(deadline - time.monotonic(), 1e-4))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                jobs.append(nxt)
-                tokens += nxt.tokens
-            self._embed([j for j in jobs if not j.abandoned])
-            if stop:
-                self._queue.put(None)  # the next batcher stops too
-                return
+            self._scheduler.complete(batch, self._embed(batch))
 
-    def _embed(self, jobs: list[_Job]) -> None:
-        flat = [r for job in jobs for r in job.requests]
-        log.debug("%s embedded %d request(s) of %d caller(s)", self._thread.name, len(flat), len(jobs))
-        if flat:
-            try:
-                results = self.engine.embed_many(flat)
-            except JV3Error as err:
-                results = [err] * len(flat)
-            except Exception as exc:  # the batcher must outlive any bug below it
-                log.exception("embed_many failed")
-                results = [ModelError(f"the model failed: {type(exc).__name__}: {exc}")] * len(flat)
-        start = 0
-        for job in jobs:
-            job.results = results[start : start + len(job.requests)] if flat else []
-            start += len(job.requests)
-            job.done.set()
-
-
-class _Job:
-    __slots__ = ("requests", "tokens", "results", "done", "abandoned")
-
-    def __init__(self, requests: list[EmbedRequest]):
-        self.requests = requests
-        # a cheap guess of the tokens (about 4 bytes of UTF-8 each) for the gathering budget
-        self.tokens = sum(len(t) // 3 + 2 for r in requests for t in r.texts)
-        self.results: list[EmbedResult | JV3Error] | None = None
-        self.done = threading.Event()
-        self.abandoned = False
+    def _embed(self, batch) -> list:
+        """One ``embed_many`` call over the batch's pieces of plans: a result or an error for each."""
+        plans = [piece for unit in batch for piece in unit.plans]
+        log.debug("%s embeds %d piece(s) of %d request(s)", self._thread.name, len(plans), len({id(u.job) for u in batch}))
+        try:
+            results = self.engine.embed_many(plans)
+        except JV3Error as err:
+            return [err] * len(plans)
+        except Exception as exc:  # the batcher must outlive any bug below it
+            log.exception("embed_many failed")
+            return [ModelError(f"the model failed: {type(exc).__name__}: {exc}")] * len(plans)
+        if len(results) != len(plans):
+            log.error("embed_many gave %d results for %d plans", len(results), len(plans))
+            return [ModelError(f"the model gave {len(results)} results for {len(plans)} requests")] * len(plans)
+        return results
 
 
 class EndpointServer(ThreadingHTTPServer):
@@ -239,7 +216,7 @@ class EndpointServer(ThreadingHTTPServer):
         self.limits = limits or ServerLimits.resolve(self.settings)
         self.engines: list = []
         self.batchers: list[Batcher] = []
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.scheduler = Scheduler()
         self.ready = threading.Event()
         self.created_at = self.ready_at = time.time()  # DescribeEndpoint's CreationTime, LastModifiedTime
         self._open = 0  # connections being served (each holds a thread and a descriptor)
@@ -256,19 +233,23 @@ class EndpointServer(ThreadingHTTPServer):
         return self.engines[0]
 
     def start(self, engines: list) -> None:
-        """Serve with these engines: one batcher each, all taking from one queue; /ping turns 200."""
+        """Serve with these engines: one batcher each, all taking from one scheduler; /ping turns 200."""
         self.engines = list(engines)
         self.batchers = [
-            Batcher(e, self._jobs, wait_ms=self.settings.batch_wait_ms, name=f"jv3-batcher-{i}")
+            Batcher(e, self.scheduler, wait_ms=self.settings.batch_wait_ms, name=f"jv3-batcher-{i}")
             for i, e in enumerate(self.engines)
         ]
         self.ready_at = time.time()
         self.ready.set()
 
-    def submit(self, requests: list[EmbedRequest]) -> _Job:
-        job = _Job(requests)
-        self._jobs.put(job)
-        return job
+    def submit(self, requests: list[EmbedRequest], deadline: float | None = None) -> Job:
+        """Prepare ``requests`` on the calling (handler) thread, then hand them to the batchers as one job,
+        to be answered, or dropped, by ``deadline`` (``time.monotonic()``; default: JV3_REQUEST_TIMEOUT_S from now)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.request_timeout_s
+        plans = [self.engine.prepare(r) for r in requests]  # tokenising releases the GIL: beside the batchers
+        quantum = max(1, min(e.max_batch_tokens for e in self.engines) // UNIT_SHARE)
+        return self.scheduler.submit(Job(plans, deadline=deadline, quantum=quantum))
 
     def execution_parameters(self) -> dict:
         """What batch transform should send, truthfully: one transform per engine (each runs one batch
@@ -346,7 +327,7 @@ class EndpointServer(ThreadingHTTPServer):
         super().server_close()
         self._refuser.stop()
         if self.batchers:
-            self._jobs.put(None)  # each batcher passes it on before it stops
+            self.scheduler.stop()  # the batchers finish the work already submitted, then stop
             for batcher in self.batchers:
                 batcher.join(timeout=30)
 
@@ -417,6 +398,25 @@ class _Refuser:
         selector.unregister(sock)
         del lingering[sock]
         sock.close()
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the client has closed the connection: readable with nothing to read (or reset). Readable
+    with data is a pipelined request, not a close; it stays unread. A client that only half-closes
+    (shuts down its sending side and still reads) looks the same and is taken as gone."""
+    try:
+        if hasattr(select, "poll"):  # poll has no FD_SETSIZE limit on the descriptor number
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(0):
+                return False
+        elif not select.select([sock], [], [], 0)[0]:
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:  # reset, or the descriptor is gone
+        return True
 
 
 def _read_and_drop(sock: socket.socket) -> bool:
@@ -514,9 +514,9 @@ class Handler(BaseHTTPRequestHandler):
                 invocation, accept, limits, hidden_size=engine.hidden_size, echoed_bytes=len(body),
                 default_dimensions=settings.default_dimensions, default_encoding=settings.default_encoding,
             )  # fmt: skip
-            job = self.server.submit(invocation.pending())
-            if not job.done.wait(max(settings.request_timeout_s - (time.monotonic() - started), 0)):
-                job.abandoned = True
+            deadline = started + settings.request_timeout_s
+            job = self.server.submit(invocation.pending(), deadline=deadline)
+            if not self._wait(job, deadline) or job.dropped:
                 raise RequestTimeout(f"no answer within {settings.request_timeout_s:g} s (JV3_REQUEST_TIMEOUT_S)")
             invocation.complete(job.results)
             payload, content_type = write_response(
@@ -532,6 +532,21 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # any input must leave the server able to answer the next request
             log.exception("unexpected failure on %s", self.path)
             return 500, errors(ModelError(f"internal error: {type(exc).__name__}: {exc}")), JSON
+
+    def _wait(self, job: Job, deadline: float) -> bool:
+        """Wait for ``job`` until ``deadline``, in short slices, watching the client: True once it is done.
+        A job nobody waits for any more is abandoned (its units not yet started are dropped): False at the
+        deadline; a client that closed its connection raises ``ConnectionAbortedError``, logged at DEBUG
+        by ``EndpointServer.handle_error`` like any client that goes away."""
+        while not job.done.wait(min(WAIT_SLICE_S, max(deadline - time.monotonic(), 0))):
+            if time.monotonic() >= deadline:
+                self.server.scheduler.abandon(job)
+                return False
+            if _peer_closed(self.connection):
+                self.server.scheduler.abandon(job)
+                self.close_connection = True
+                raise ConnectionAbortedError("the client closed the connection while its request was being embedded")
+        return True
 
     # ------------------------------------------------------------------------------------ control plane
 
