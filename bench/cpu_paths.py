@@ -47,9 +47,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import inference.engine as engine_module
 from bench.checkpoints import MID, make_released_checkpoint
 from bench.engine_speed import native_padded, workload
+from inference import cpu_runtime
 from inference.engine import Engine, Sequence
 from inference.model import equal_length_runs, per_text_attention, runs_attention
 from inference.request import EmbedRequest
@@ -121,11 +121,11 @@ def spin_300k(engine: Engine, fn):
     """Run ``fn`` with libgomp's default spinning: the engine's throttle released for the call."""
 
     def run():
-        engine_module.release_openmp_throttle()
+        cpu_runtime.release_openmp_throttle()
         try:
             fn()
         finally:
-            engine_module.throttle_openmp_spin(engine.threads)
+            cpu_runtime.throttle_openmp_spin(engine.threads)
 
     return run
 
@@ -435,12 +435,12 @@ def allocator(ckpt: Path, rounds: int, quick: bool) -> dict:
 
 def allocator_child(mode: str, ckpt: Path, quick: bool) -> None:
     if mode == "glibc default":
-        engine_module._allocator_tuned = False  # as if already decided: leave glibc alone
+        cpu_runtime._allocator_tuned = False  # as if already decided: leave glibc alone
     engine = Engine.load(ckpt, Settings.resolve(device="cpu", dtype="float32"))
     seqs = workload(64 if quick else 256, 128, VOCAB, mixed_lengths=True, tasks=TASKS)
     res = alternate({"engine": run_engine(engine, seqs), "native": native_padded(engine, seqs, "text-matching", mask=True)}, 2 if quick else 3)
     print(json.dumps({k: {m: v[m] for m in ("wall", "cpu", "sys", "faults")} for k, v in res.items()}
-                     | {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tuned": engine_module._allocator_tuned}))  # fmt: skip
+                     | {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tuned": cpu_runtime._allocator_tuned}))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,8 +513,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_released_checkpoint(Path(tmp) / "mid", sizes=MID | {"vocab_size": VOCAB}, dtype=torch.float32)
         engine = Engine.load(ckpt, Settings.resolve(device="cpu", dtype="float32"))
-        report["engine"] = {"threads": engine.threads, "openmp_throttled": engine_module._throttle is not None,
-                            "allocator_tuned": engine_module._allocator_tuned}  # fmt: skip
+        report["engine"] = {"threads": engine.threads, "openmp_throttled": cpu_runtime._throttle is not None,
+                            "allocator_tuned": cpu_runtime._allocator_tuned}  # fmt: skip
         report["main_vs_thread"] = main_vs_thread(engine, reps + 1, 32 if args.quick else 64)
         print("main vs thread", json.dumps(report["main_vs_thread"]["ratios"]), flush=True)
         report["attention_ops"] = attention_ops(reps + 2, shapes)

@@ -12,8 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-import inference.engine as engine_module
-from inference.engine import cpu_threads, keep_freed_memory, release_openmp_throttle, throttle_openmp_spin
+from inference import cpu_runtime
+from inference.cpu_runtime import (
+    cpu_threads,
+    keep_freed_memory,
+    release_openmp_throttle,
+    throttle_openmp_spin,
+)
 from inference.model import equal_length_runs, per_text_attention, runs_attention
 from inference.request import EmbedRequest
 
@@ -103,13 +108,13 @@ def test_cpu_engine_keeps_torchs_team(engine, monkeypatch):
 
 
 def _throttle_threads():
-    return [t for t in threading.enumerate() if t.name == engine_module.THROTTLE_THREAD]
+    return [t for t in threading.enumerate() if t.name == cpu_runtime.THROTTLE_THREAD]
 
 
 def test_openmp_spin_is_throttled_once_for_a_multithreaded_cpu_engine(engine):
-    if engine.threads <= 1 or engine_module._libgomp() is None or os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT"):
+    if engine.threads <= 1 or cpu_runtime._libgomp() is None or os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT"):
         pytest.skip("no OpenMP fork/join to throttle here")
-    assert engine_module._throttle is not None and engine_module._throttle.is_alive()
+    assert cpu_runtime._throttle is not None and cpu_runtime._throttle.is_alive()
     assert len(_throttle_threads()) == 1
     assert throttle_openmp_spin(engine.threads) is True  # already in effect: no second pool
     assert len(_throttle_threads()) == 1
@@ -128,21 +133,21 @@ def test_vectors_do_not_depend_on_the_openmp_throttle(engine, golden):
 
 
 def test_throttle_is_skipped_when_the_operator_chose_or_one_thread(monkeypatch):
-    monkeypatch.setattr(engine_module, "_throttle", None)
+    monkeypatch.setattr(cpu_runtime, "_throttle", None)
     assert throttle_openmp_spin(1) is False
     monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
     assert throttle_openmp_spin(2) is False
     monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.setenv("OMP_WAIT_POLICY", "active")
     assert throttle_openmp_spin(2) is False
-    assert engine_module._throttle is None
+    assert cpu_runtime._throttle is None
 
 
 def test_allocator_is_left_alone_when_the_operator_tuned_it(monkeypatch):
-    monkeypatch.setattr(engine_module, "_allocator_tuned", None)
+    monkeypatch.setattr(cpu_runtime, "_allocator_tuned", None)
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
     assert keep_freed_memory() is False
-    monkeypatch.setattr(engine_module, "_allocator_tuned", None)
+    monkeypatch.setattr(cpu_runtime, "_allocator_tuned", None)
     monkeypatch.delenv("MALLOC_MMAP_MAX_")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
     assert keep_freed_memory() is False
@@ -152,7 +157,7 @@ def test_allocator_setting_is_applied_once_and_large_blocks_still_work(engine):
     import sys
 
     if sys.platform.startswith("linux"):
-        assert engine_module._allocator_tuned in (True, False)  # decided once, at the first CPU load
+        assert cpu_runtime._allocator_tuned in (True, False)  # decided once, at the first CPU load
     first = keep_freed_memory()
     assert keep_freed_memory() is first
     for _ in range(3):  # blocks far over glibc's 32 MB mmap limit, allocated and freed repeatedly

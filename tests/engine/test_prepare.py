@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from inference.engine import Engine, Plan, PrefixCut
+from inference.engine import Engine, Plan
 from inference.errors import InvalidRequest, JV3Error
 from inference.request import EmbedRequest
 from inference.settings import Settings
+from inference.truncation import PrefixCut
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "jina-v3-tiny"
 BATCHING_ATOL = 1e-5  # what the serving tests allow between different batch compositions on the CPU
