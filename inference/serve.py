@@ -53,12 +53,13 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .errors import InvalidRequest, JV3Error, ModelError, PayloadTooLarge, RequestTimeout, SettingsError
+from .errors import InvalidRequest, JV3Error, ModelError, RequestTimeout, SettingsError
 from .protocol import (
     JSON,
     Invocation,
     Limits,
     accepts_json,
+    check_request_size,
     check_response_size,
     error_body,
     negotiate,
@@ -627,12 +628,8 @@ class Handler(BaseHTTPRequestHandler):
     def _read_body(self, limit: int) -> bytes:
         length = self._body_length()
         if length > limit:
-            self._discard(length)
-            raise PayloadTooLarge(
-                f"request body of {length} bytes is over the limit of {limit} bytes (JV3_MAX_REQUEST_BYTES; "
-                f"SageMaker real-time endpoints allow 6 MB): split the batch",
-                field="body",
-            )
+            self._discard(length)  # kept connection: the 413 is read by a client that sent its whole body
+            check_request_size(length, limit)
         return self._receive(length)
 
     def _drop_body(self) -> JV3Error | None:

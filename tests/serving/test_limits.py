@@ -171,7 +171,8 @@ def test_the_estimate_is_not_below_the_response(encoding, dims, accept):
 
 
 def test_no_limits_means_no_caps():
-    """The DLC handler (inference/inference.py) passes none: its behaviour is unchanged."""
+    """A caller that passes no limits (model_package validating a checkpoint, tests) gets no caps; both
+    runtimes pass the operator's (``Limits.of(settings)``)."""
     invocation = protocol.parse_request(json.dumps({"data": ["x"] * 5000}), "application/json", hidden_size=64)
     assert len(invocation.requests[0].texts) == 5000
     with pytest.raises(PayloadTooLarge, match="5,000 texts"):
