@@ -16,6 +16,9 @@ from safetensors.torch import save_file
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "jina-v3-tiny"
 FULL = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, vocab_size=250002)
 MID = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536, vocab_size=250002)
+# The full model's width with one of its 24 layers: responses of 1024 floats per text, as in production,
+# at a speed a 2-core CPU benchmark of the serving path can afford (bench/serving.py).
+WIDE = dict(hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, intermediate_size=4096, vocab_size=250002)
 
 
 def make_released_checkpoint(out: Path, *, sizes: dict, dtype=torch.bfloat16, device="cpu", seed=0) -> Path:
