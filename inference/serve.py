@@ -434,6 +434,9 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: every response carries Content-Length
     server_version = "jv3-endpoint"
     timeout = 75  # seconds an idle keep-alive connection may hold a thread
+    # Headers and body go out in two writes; with Nagle's algorithm the body then waits for the client's
+    # delayed ACK (~40 ms on Linux): bench/serving.py measured it as most of a small request's latency.
+    disable_nagle_algorithm = True
     server: EndpointServer
 
     # ------------------------------------------------------------------------------------ routes
