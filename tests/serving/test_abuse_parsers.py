@@ -14,20 +14,11 @@ from inference import protocol
 from inference.errors import InvalidRequest, JV3Error
 from inference.request import EmbedResult
 
-HIDDEN = 64
+from .parsing import parse, refused
+
 JSONL = "application/jsonlines"
 # Characters str.splitlines() splits on besides \n; none of them may end a JSON Lines record.
 SPLITLINES_BREAKS = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\r"]
-
-
-def parse(body, content_type="application/json"):
-    return protocol.parse_request(body, content_type, hidden_size=HIDDEN)
-
-
-def refused(body, content_type="application/json") -> InvalidRequest:
-    with pytest.raises(InvalidRequest) as info:
-        parse(body, content_type)
-    return info.value
 
 
 def messages(invocation) -> list:

@@ -18,26 +18,16 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from inference import protocol
-from inference.errors import InvalidRequest, JV3Error
+from inference.errors import JV3Error
 from inference.request import EmbedResult
 from inference.serve import make_server
 
+from .parsing import parse, refused
 from .test_clients_docs import assert_vectors, direct
 
-HIDDEN = 64
 JSON_CT = {"Content-Type": "application/json"}
 JSONL_CT = {"Content-Type": "application/jsonlines"}
 CSV_CT = {"Content-Type": "text/csv"}
-
-
-def parse(body, content_type="application/json"):
-    return protocol.parse_request(body, content_type, hidden_size=HIDDEN)
-
-
-def refused(body, content_type="application/json") -> InvalidRequest:
-    with pytest.raises(InvalidRequest) as info:
-        parse(body, content_type)
-    return info.value
 
 
 def texts_or_errors(invocation) -> list:
