@@ -40,6 +40,7 @@ class Batches:
 
     def __init__(self, engine: Engine):
         self.engine, self._run = engine, engine.run
+        self.pause_s = 0.0  # added to every batch: a model as slow as a test needs, whatever the machine
         self.calls: list[list[int]] = []
         self.texts: dict[int, int] = {}  # texts embedded, by the size of the request they belong to
         self.threads: set[str] = set()
@@ -51,6 +52,8 @@ class Batches:
             if isinstance(p, Plan):
                 self.texts[len(p.request.texts)] = self.texts.get(len(p.request.texts), 0) + p.n_slots
         self.threads.add(threading.current_thread().name)
+        if self.pause_s:
+            time.sleep(self.pause_s)
         return self._run(plans)
 
     def serving(self, size: int) -> list[int]:
@@ -208,10 +211,12 @@ def watch_drops(server, batches: Batches) -> list[int]:
 
 
 def test_a_timed_out_requests_work_stops_within_one_batch(serve, engines):
-    # GIVEN a server that answers 503 after 1.5 s, and a request that needs several seconds
+    # GIVEN a server that answers 503 after 1.5 s, and a request that needs several seconds: its ~30
+    # batches take at least 0.2 s each (on an idle machine the tiny model alone could finish in time)
     server, (batches,) = serve(engines[:1], request_timeout_s="1.5")
     port = server.server_address[1]
     dropped_at = watch_drops(server, batches)
+    batches.pause_s = 0.2
 
     # WHEN it times out
     status, body = post(port, {"input": LARGE})
