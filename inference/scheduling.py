@@ -12,8 +12,12 @@ with the small ones that arrive while it runs instead of holding the engine unti
 unit's results go back to its job, and the pieces of a plan are joined back in their order
 (``Plan.join``) when the job's last unit is done.
 
-Gathering keeps ``JV3_BATCH_WAIT_MS``: a batcher that finds less work than its budget waits that long
-for more before it starts. Cancelling: a job carries its deadline (the request's start plus
+Gathering: a batcher that finds less work than its budget waits for more until ``JV3_BATCH_WAIT_MS``
+after it became free, not after the work arrived. Under load (work waiting when a batch ends) that is
+the whole window, so concurrent callers share forward passes; a request that finds the batcher idle
+for longer than the window starts at once, since nobody else is arriving to share with it (the window
+would only add to its latency: 2 of the ~7 ms a small request spent above ``Engine.embed``,
+bench/RESULTS-serving.md). Cancelling: a job carries its deadline (the request's start plus
 ``JV3_REQUEST_TIMEOUT_S``); when the deadline passes, or the handler gives up on it (its 503, or its
 client closed the connection), its units that have not started are dropped, at the latest at the next
 batch boundary, so abandoned work costs at most the batch already running.
@@ -147,10 +151,12 @@ class Scheduler:
             return len(self._jobs)
 
     def next_batch(self, max_tokens: int, wait_s: float) -> list[Unit] | None:
-        """Block until there is work; gather for up to ``wait_s`` while it is under ``max_tokens``; then
-        take units round-robin (jobs served longest ago first, oldest first among equals) up to
-        ``max_tokens`` (a unit larger than that only into an empty batch). None: stop."""
+        """Block until there is work; while it is under ``max_tokens``, gather until ``wait_s`` after this
+        call began (the batcher became free: an idle batcher starts new work at once); then take units
+        round-robin (jobs served longest ago first, oldest first among equals) up to ``max_tokens`` (a
+        unit larger than that only into an empty batch). None: stop."""
         with self._cond:
+            gather_until = time.monotonic() + wait_s
             while True:
                 self._expire()
                 if not self._jobs:
@@ -158,7 +164,6 @@ class Scheduler:
                         return None
                     self._cond.wait()
                     continue
-                gather_until = time.monotonic() + wait_s
                 while self._pending < max_tokens and not self._stopping:
                     left = gather_until - time.monotonic()
                     if left <= 0:

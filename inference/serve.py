@@ -13,7 +13,7 @@ with ``X-Amz-Target: SageMaker.DescribeEndpoint``, botocore's json protocol), an
 
 Handler threads parse, tokenise (``engine.prepare``) and serialise; one batcher thread per engine (one
 engine per GPU, from ``JV3_DEVICE``) takes its batches from the shared scheduler (``inference/scheduling.py``):
-after gathering for up to ``JV3_BATCH_WAIT_MS`` (or until its token budget is full), units of at most an
+after gathering until ``JV3_BATCH_WAIT_MS`` past the end of its last batch (or until its token budget is full), units of at most an
 eighth of the budget taken round-robin across the waiting requests, embedded with one ``engine.embed_many``
 call, so concurrent callers share forward passes, a small request never waits behind a large one for
 more than a batch, and every GPU stays busy. A request's work that nobody waits for any more (its

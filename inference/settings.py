@@ -31,7 +31,7 @@ ENV = {
     "late_chunking_overlap": ("JV3_LATE_CHUNKING_OVERLAP", "512", "token overlap of the windows of long late chunking"),
     "device": ("JV3_DEVICE", "auto", "torch device: auto (cuda when present), cuda, cuda:1, cpu"),
     "dtype": ("JV3_DTYPE", "auto", "weights and activations: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32"),
-    "batch_wait_ms": ("JV3_BATCH_WAIT_MS", "2", "local/BYOC server: how long a request waits for others to share its forward pass"),
+    "batch_wait_ms": ("JV3_BATCH_WAIT_MS", "2", "local/BYOC server: how long a free batcher gathers requests to share its next forward pass (a request that finds it idle starts at once)"),
     "max_request_bytes": ("JV3_MAX_REQUEST_BYTES", str(6 * 1024 * 1024), "largest request body (SageMaker's real-time limit is 6 MB)"),
     "request_timeout_s": ("JV3_REQUEST_TIMEOUT_S", "60", "local/BYOC server: seconds before a request is answered 503"),
     "max_texts": ("JV3_MAX_TEXTS_PER_REQUEST", str(MAX_TEXTS), "texts (or late-chunking chunks) of one JSON request; more is 413"),

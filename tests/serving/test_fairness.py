@@ -340,3 +340,52 @@ def test_results_join_in_order_and_dropped_work_never_starts():
     assert late.dropped and gone.dropped and late.done.is_set() and gone.done.is_set()
     scheduler.stop()
     assert scheduler.next_batch(1000, 0) is None
+
+
+class FakeClock:
+    """``time.monotonic`` for the scheduler that a test moves forward: the gather window is then decided by
+    the test, not by how fast this machine happens to wake a thread."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def batch_in_thread(scheduler: Scheduler, max_tokens: int, wait_s: float) -> tuple[threading.Thread, list]:
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(scheduler.next_batch(max_tokens, wait_s)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_batcher_idle_past_the_gather_window_starts_new_work_at_once(monkeypatch):
+    """GIVEN a batcher that has waited for work longer than its gather window (the server is idle)
+    WHEN one request arrives
+    THEN its batch starts without waiting out the window (30 s here) for company that is not coming."""
+    clock = FakeClock()
+    monkeypatch.setattr("inference.scheduling.time", clock)
+    scheduler = Scheduler()
+    thread, out = batch_in_thread(scheduler, 1000, wait_s=30)
+    time.sleep(0.1)  # the batcher is now blocked, waiting for work
+    clock.offset += 60  # ... and has been for a minute
+    scheduler.submit(Job([FakePlan("alone", 1, 10)], deadline=clock.monotonic() + 600, quantum=100))
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the lone request waited for the gather window on an idle batcher"
+    assert names(out[0]) == ["alone"]
+
+
+def test_a_batcher_that_just_became_free_gathers_for_its_window():
+    """GIVEN work waiting when a batch ends (the server is under load)
+    WHEN more arrives within JV3_BATCH_WAIT_MS
+    THEN the batcher waited for it and both share the next forward pass."""
+    scheduler = Scheduler()
+    far = time.monotonic() + 600
+    scheduler.submit(Job([FakePlan("first", 1, 10)], deadline=far, quantum=100))
+    thread, out = batch_in_thread(scheduler, 20, wait_s=30)  # full at 20 tokens: it stops gathering then
+    time.sleep(0.2)
+    assert thread.is_alive(), "the batcher started under its budget instead of gathering"
+    scheduler.submit(Job([FakePlan("second", 1, 10)], deadline=far, quantum=100))
+    thread.join(timeout=10)
+    assert names(out[0]) == ["first", "second"]
