@@ -22,14 +22,15 @@ threads read from /proc (handler threads: HTTP, parsing, writing; engine threads
 OpenMP team and the tokenizer's pool; the accept loop), and the clients' own CPU, which shares the
 2 cores with the server. Every vector the server returns is checked against the baseline's
 (max-abs ≤ 1e-4), and every request's token count too. Last, the added latency of one small
-request: sequential 1-text requests, endpoint p50 − in-process ``Engine.embed`` p50, and the endpoint
-again with a client that acknowledges at once (TCP_QUICKACK), which isolates the delayed-ACK wait.
+request: sequential 1-text requests, endpoint p50 − in-process ``Engine.embed`` p50, interleaved call
+by call with the engine in a fresh process of its own, and the endpoint again with a client that
+acknowledges at once (TCP_QUICKACK), which isolates the delayed-ACK wait.
 
-Analysis (``--no-analysis`` skips it), two variants of the server, each in its own process:
+Analysis (``--no-analysis`` skips it), a variant of the server in its own process:
 ``MALLOC_ARENA_MAX=1`` (one pass after the last default one: how much of the server's extra CPU is
-page faults from the batcher thread's malloc arena) and TCP_NODELAY on its connections (the small
-request's latency only: how much of it is Nagle's algorithm waiting for the client's delayed ACK).
-The server's code is not changed for either (RESULTS-serving.md has the analysis).
+page faults from the batcher thread's malloc arena; since the server sets one arena itself, the
+variant now tells whether operator malloc settings, which switch the engine's own off, cost it).
+The server's code is not changed for it (RESULTS-serving.md has the analysis).
 
 Checkpoints (bench/checkpoints.py, released layout, the tiny fixture's tokenizer, float32, random):
 MID (hidden 384, 6 layers) and WIDE (hidden 1024, 1 layer: 1024-float responses, as in production).
@@ -377,7 +378,6 @@ def measure_baseline(engine, settings: Settings, n_requests: int, seed: int) -> 
     with stages("tokenise"):  # the same encode_batch calls embed_many made, again, to time them alone
         for texts, task in requests:
             engine.count_tokens(texts, task)
-    small_engine, small_path = small_latencies(engine, settings)
     result = {
         "texts": n_requests * TEXTS_PER_REQUEST,
         "tokens": int(sum(tokens)),
@@ -390,27 +390,30 @@ def measure_baseline(engine, settings: Settings, n_requests: int, seed: int) -> 
         "usage": usage,
         "others_cpu_s": (busy1 - busy0) - own,
         "steal_s": steal1 - steal0,
-        "small_engine_s": small_engine,
-        "small_path_s": small_path,
     }
     return result, np.concatenate(vectors)
 
 
-def small_latencies(engine, settings: Settings) -> tuple[list[float], list[float]]:
-    """One 1-text request, sequentially: ``Engine.embed`` alone, and parse + embed + write."""
+def small_baseline_main(args) -> None:
+    """The in-process side of the small-request measurement, in this (fresh) process, driven over a pipe:
+    one line in, one 1-text ``Engine.embed`` and one parse + embed + write out (their seconds, as JSON), so
+    that the parent can interleave them with the endpoint's calls. The first line out is the vector."""
+    from inference.engine import Engine
+
+    settings = Settings.resolve(device="cpu", dtype="float32")
+    engine = Engine.load(args.model_dir, settings=settings)
     request = EmbedRequest(texts=[SMALL_TEXT], task="text-matching")
     body = jina_body([SMALL_TEXT], "text-matching")
     for _ in range(10):
         engine.embed(request)
-    alone, path = [], []
-    for _ in range(SMALL_CALLS):
+        serve_round(engine, settings, [body], Stages())
+    print(json.dumps(engine.embed(request).embeddings[0].tolist()), flush=True)
+    for _ in sys.stdin:
         t0 = time.perf_counter()
         engine.embed(request)
-        alone.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         serve_round(engine, settings, [body], Stages())
-        path.append(time.perf_counter() - t0)
-    return alone, path
+        print(json.dumps([t1 - t0, time.perf_counter() - t1]), flush=True)
 
 
 def baseline_main(args) -> None:
@@ -427,7 +430,6 @@ def baseline_main(args) -> None:
     load_s = time.perf_counter() - started
     result, vectors = measure_baseline(engine, settings, args.requests, args.seed)
     result["load_s"] = load_s
-    result["small_vector"] = engine.embed(EmbedRequest(texts=[SMALL_TEXT], task="text-matching")).embeddings[0].tolist()
     Path(args.out).write_text(json.dumps(result))
     np.save(f"{args.out}.npy", vectors)
 
@@ -540,24 +542,53 @@ def warm_up(server: LocalServer) -> None:
         client.close()
 
 
-def served_small(server: LocalServer, reference: list[float], quickack: bool = False) -> dict:
-    """Sequential 1-text requests on one keep-alive connection, the server otherwise idle."""
+def served_small(server: LocalServer, model_dir: Path, quickack: bool = True) -> dict:
+    """Sequential 1-text requests on one keep-alive connection, the server otherwise idle, interleaved
+    call by call with the same request in-process (``small_baseline_main``, a fresh process): the machine
+    drifts between minutes, not between one call and the next. Each round: the endpoint, the endpoint
+    with a client that acknowledges at once (``quickack``), and the engine, in a rotating order."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bench.serving", "--small-baseline", "--model-dir", str(model_dir)],
+        cwd=ROOT, env={**os.environ, "JV3_DEVICE": "cpu", "JV3_DTYPE": "float32"},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     client = Client(server.port)
     body = jina_body([SMALL_TEXT], "text-matching")
+    out = {"latency_s": [], "quickack_latency_s": [], "engine_s": [], "path_s": []}
+
+    def endpoint(key: str, ack: bool) -> bytes:
+        status, data, latency = client.post("/invocations", body, quickack=ack)
+        if status != 200:
+            raise RuntimeError(f"small request answered {status}: {data[:300]!r}")
+        out[key].append(latency)
+        return data
+
+    def in_process() -> None:
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        engine_s, path_s = json.loads(child.stdout.readline())
+        out["engine_s"].append(engine_s)
+        out["path_s"].append(path_s)
+
     try:
+        reference = json.loads(child.stdout.readline())
         for _ in range(10):
-            client.post("/invocations", body, quickack=quickack)
-        latencies = []
-        for _ in range(SMALL_CALLS):
-            status, data, latency = client.post("/invocations", body, quickack=quickack)
-            if status != 200:
-                raise RuntimeError(f"small request answered {status}: {data[:300]!r}")
-            latencies.append(latency)
+            client.post("/invocations", body)
+        for out_list in out.values():
+            out_list.clear()
+        steps = [lambda: endpoint("latency_s", False), in_process] + ([lambda: endpoint("quickack_latency_s", True)] if quickack else [])
+        data = b""
+        for i in range(SMALL_CALLS):
+            shift = i % len(steps)
+            for step in steps[shift:] + steps[:shift]:
+                data = step() or data
         vector = np.asarray(orjson.loads(data)["data"][0]["embedding"], dtype=np.float32)
-        worst = float(np.abs(vector - np.asarray(reference, dtype=np.float32)).max())
+        out["max_abs_diff"] = float(np.abs(vector - np.asarray(reference, dtype=np.float32)).max())
     finally:
         client.close()
-    return {"latency_s": latencies, "max_abs_diff": worst}
+        child.stdin.close()
+        child.wait(timeout=60)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- one checkpoint
@@ -565,21 +596,6 @@ def served_small(server: LocalServer, reference: list[float], quickack: bool = F
 # The analysis variant: the same server with one malloc arena for all threads, so that its batcher
 # thread allocates from the arena the engine's keep_freed_memory holds (as the baseline's main thread does).
 ARENA_ENV = {"MALLOC_ARENA_MAX": "1"}
-# The other analysis variant, for the small-request latency only: the same server with TCP_NODELAY on
-# its connections (``serve_nodelay``), so that a response's body is not held back by Nagle's algorithm
-# until the client's delayed ACK of its headers.
-NODELAY_SERVER = ("bench.serving", "--serve-nodelay")
-
-
-def serve_nodelay(argv: list[str]) -> int:
-    """``inference.serve``'s main with ``disable_nagle_algorithm`` set on its handler: an experiment
-    run from the bench, the server's code untouched."""
-    from inference import serve
-
-    serve.Handler.disable_nagle_algorithm = True  # socketserver.StreamRequestHandler's switch for TCP_NODELAY
-    return serve.main(argv)
-
-
 def bench_checkpoint(name: str, model_dir: Path, passes: int, rounds: int, workdir: Path, analyse: bool) -> dict:
     n_requests, seed = rounds * CLIENTS, 1000
     record = {"checkpoint": name, "config": json.loads((model_dir / "config.json").read_text()), "passes": []}
@@ -589,13 +605,13 @@ def bench_checkpoint(name: str, model_dir: Path, passes: int, rounds: int, workd
         for s in (server, variant) if variant else (server,):
             warm_up(s)
         record["server_rss_ready_bytes"] = rss_bytes(server.pid)
-        reference = ref_tokens = small_ref = None
+        reference = ref_tokens = None
         for p in range(passes):
             idle0 = cpu_seconds(server.pid) + (cpu_seconds(variant.pid) if variant else 0.0)
             baseline, vectors = run_baseline(model_dir, n_requests, seed, workdir, f"{name}-{p}")
             baseline["server_cpu_meanwhile_s"] = cpu_seconds(server.pid) + (cpu_seconds(variant.pid) if variant else 0.0) - idle0
             if reference is None:
-                reference, ref_tokens, small_ref = vectors, baseline["request_tokens"], baseline["small_vector"]
+                reference, ref_tokens = vectors, baseline["request_tokens"]
             baseline["max_abs_diff_to_first"] = float(np.abs(vectors - reference).max())
             served = served_pass(server, n_requests, seed, reference, ref_tokens)
             record["passes"].append({"baseline": baseline, "served": served})
@@ -603,13 +619,8 @@ def bench_checkpoint(name: str, model_dir: Path, passes: int, rounds: int, workd
         if variant:  # one pass, right after the last default one: the machine as alike as it gets
             record["served_arena_max_1"] = served_pass(variant, n_requests, seed, reference, ref_tokens)
             progress(f"{name} analysis", served_arena_max_1=record["served_arena_max_1"])
-        record["small"] = served_small(server, small_ref)
-        record["small_quickack"] = served_small(server, small_ref, quickack=True)
+        record["small"] = served_small(server, model_dir)
         record["server_rss_end_bytes"] = rss_bytes(server.pid)
-    if analyse:
-        with LocalServer(model_dir, workdir / f"nodelay-{name}.log", module=NODELAY_SERVER) as server:
-            warm_up(server)
-            record["small_nodelay"] = served_small(server, small_ref)
     return record
 
 
@@ -701,20 +712,19 @@ def summarise(record: dict, cores: int) -> dict:
         arena = served_summary([record["served_arena_max_1"]], base_wall / len(base), base_available / len(base), cores)
         arena["cpu_ratio"] = summary["baseline_cpu_per_1000"]["total"] / arena["cpu_per_1000"]
         summary["served_arena_max_1"] = arena
-    small_engine = [x for b in base for x in b["small_engine_s"]]
+    small_run = record["small"]
     summary["small"] = {
-        "engine_p50_ms": ms(pct(small_engine, 50)),
-        "path_p50_ms": ms(pct([x for b in base for x in b["small_path_s"]], 50)),
-        "served_p50_ms": ms(pct(record["small"]["latency_s"], 50)),
-        "served_p99_ms": ms(pct(record["small"]["latency_s"], 99)),
-        "quickack_p50_ms": ms(pct(record["small_quickack"]["latency_s"], 50)),
-        "max_abs_diff": max(record["small"]["max_abs_diff"], record["small_quickack"]["max_abs_diff"]),
+        "engine_p50_ms": ms(pct(small_run["engine_s"], 50)),
+        "path_p50_ms": ms(pct(small_run["path_s"], 50)),
+        "served_p50_ms": ms(pct(small_run["latency_s"], 50)),
+        "served_p99_ms": ms(pct(small_run["latency_s"], 99)),
+        "quickack_p50_ms": ms(pct(small_run["quickack_latency_s"], 50)),
+        "max_abs_diff": small_run["max_abs_diff"],
+        # per round, endpoint minus the engine's call beside it: the median of the pairs, less noisy
+        "added_paired_p50_ms": ms(pct([a - b for a, b in zip(small_run["latency_s"], small_run["engine_s"], strict=True)], 50)),
     }
     small = summary["small"]
     small["added_p50_ms"] = small["served_p50_ms"] - small["engine_p50_ms"]
-    if "small_nodelay" in record:
-        small["nodelay_p50_ms"] = ms(pct(record["small_nodelay"]["latency_s"], 50))
-        small["added_nodelay_p50_ms"] = small["nodelay_p50_ms"] - small["engine_p50_ms"]
     small["added_quickack_p50_ms"] = small["quickack_p50_ms"] - small["engine_p50_ms"]
     summary["throughput_goal_met"] = summary["served"]["ratio"] >= GOAL_RATIO
     summary["latency_goal_met"] = small["added_p50_ms"] <= GOAL_ADDED_MS
@@ -758,7 +768,7 @@ def report_header(info: dict, settings: dict) -> list[str]:
         "`embed_many` time alone. Latency p50/p99: per request; for the baseline, per round of 16 requests (they "
         "complete together). Checkpoints: random, released layout, the tiny fixture's tokenizer (vocabulary "
         f"{VOCAB}, ~3 tokens a word), float32. Analysis rows: a second server started with `MALLOC_ARENA_MAX=1`, "
-        "one pass after the last default one, and one with TCP_NODELAY for the small request. Server code measured: inference/*.py sha256 "
+        "one pass after the last default one. Server code measured: inference/*.py sha256 "
         f"`{info['server_code_sha256']}`" + ("" if info["server_code_sha256_end"] == info["server_code_sha256"] else
         f" at the start, `{info['server_code_sha256_end']}` at the end (it was being changed while this ran)") + ".",
         "",
@@ -855,20 +865,18 @@ def report_small(records: list[dict]) -> list[str]:
     lines = [
         f"### Added latency of one small request (1 text, {SMALL_CALLS} sequential calls, server otherwise idle)",
         "",
-        "Added = endpoint p50 − `Engine.embed` p50 (both measured in this run). Analysis columns: the endpoint again "
-        "with the client acknowledging each answer's first segment at once (`TCP_QUICKACK`, client side only), and a "
-        "second server whose connections set `TCP_NODELAY` (the server's code untouched, its handler's "
-        "`disable_nagle_algorithm` switched on by bench/serving.py): both remove the time an answer's body waits in the "
-        "server's socket for the client's delayed ACK of its headers.",
+        "Each round, in a rotating order: one endpoint call, one endpoint call whose client acknowledges the answer's "
+        "first segment at once (`TCP_QUICKACK`, client side), and one `Engine.embed` plus one parse + embed + write of "
+        "the same request in a fresh process of their own, driven over a pipe: both sides see the machine of the same "
+        "moment. Added = endpoint p50 − `Engine.embed` p50; paired = the median over rounds of endpoint − engine.",
         "",
-        "| checkpoint | `Engine.embed` p50 ms | parse + embed + write p50 ms | endpoint p50 ms | endpoint p99 ms | **added p50 ms** | endpoint p50, client QUICKACK | endpoint p50, server TCP_NODELAY (added) |",
+        "| checkpoint | `Engine.embed` p50 ms | parse + embed + write p50 ms | endpoint p50 ms | endpoint p99 ms | **added p50 ms** | added, paired ms | endpoint p50, client QUICKACK |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in records:
         s = r["summary"]["small"]
-        nodelay = f"{s['nodelay_p50_ms']:.2f} ({s['added_nodelay_p50_ms']:.2f})" if "nodelay_p50_ms" in s else "–"
         lines.append(f"| {r['checkpoint'].upper()} | {s['engine_p50_ms']:.2f} | {s['path_p50_ms']:.2f} | {s['served_p50_ms']:.2f} | "
-                     f"{s['served_p99_ms']:.2f} | **{s['added_p50_ms']:.2f}** | {s['quickack_p50_ms']:.2f} | {nodelay} |")  # fmt: skip
+                     f"{s['served_p99_ms']:.2f} | **{s['added_p50_ms']:.2f}** | {s['added_paired_p50_ms']:.2f} | {s['quickack_p50_ms']:.2f} |")  # fmt: skip
     return lines + [""]
 
 
@@ -924,7 +932,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=2, help="baseline/served pass pairs per checkpoint")
     parser.add_argument("--rounds", type=int, help=f"rounds of {CLIENTS} requests per pass (default: {ROUNDS})")
     parser.add_argument("--no-analysis", action="store_true",
-                        help="skip the analysis variants (servers with MALLOC_ARENA_MAX=1 and with TCP_NODELAY)")
+                        help="skip the analysis variant (a server with MALLOC_ARENA_MAX=1)")
     parser.add_argument("--no-write", action="store_true", help="print the results only")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from bench/serving.json, running nothing")
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)  # the child process
@@ -932,11 +940,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    if sys.argv[1:2] == ["--serve-nodelay"]:  # the server variant of the analysis, in its own process
-        sys.exit(serve_nodelay(sys.argv[2:]))
+    parser.add_argument("--small-baseline", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.baseline:
         baseline_main(args)
+        return
+    if args.small_baseline:
+        small_baseline_main(args)
         return
     if args.report_only:
         data = json.loads(OUT_JSON.read_text())
