@@ -12,7 +12,9 @@ clients in the same order (the soak's pool from a fixed seed: its medium request
 and its four near-limit requests at the caps), and the server's RSS is read once the round is over
 and the server idle. A leak grows the same amount every round; kept memory reaches its level within
 a few rounds and stays. The verdict compares the growth over the second half of the rounds with
-the first round's.
+the first round's. (Since the server hands kept memory back once its batchers have been idle for
+``IDLE_TRIM_S``, RSS is read ``--settle-s`` after a round, past that: the peak column still shows
+the kept heap at work.)
 
 The same rounds then run against a second server whose malloc is left at glibc's behaviour
 (``MALLOC_TOP_PAD_`` set to its default, 128 KiB: an operator's malloc setting, so the engine's
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients in a round (default 16)")
     parser.add_argument("--small", type=int, default=64, help="small requests in a round besides the medium and near-limit ones")
     parser.add_argument("--seed", type=int, default=1, help="the soak pool's seed")
-    parser.add_argument("--settle-s", type=float, default=1.0, help="idle seconds before RSS is read")
+    parser.add_argument("--settle-s", type=float, default=4.0,
+                        help="idle seconds before RSS is read (default 4: past the server's IDLE_TRIM_S, 2 s)")
     parser.add_argument("--model-dir", default=str(FIXTURE), help="checkpoint (default: the tiny fixture)")
     parser.add_argument("--python-heap", action="store_true", help="also trace the Python heap of an in-process server")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it")

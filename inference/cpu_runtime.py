@@ -163,3 +163,20 @@ def keep_freed_memory() -> bool:
     log.info("glibc malloc: one arena, large blocks from the heap, freed memory kept "
              "(M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB): %s", _allocator_tuned)  # fmt: skip
     return _allocator_tuned
+
+
+def return_freed_memory() -> bool:
+    """Give the memory ``keep_freed_memory`` kept back to the system (glibc's ``malloc_trim(0)``, which
+    also releases free pages inside the heap); True if it ran.
+
+    Kept memory is what makes the next batch fast, so this is for the moments when it is worth less
+    than the memory: the local server calls it when its batchers have been idle a while, and at most
+    every ``TRIM_INTERVAL_S`` under load, so resident memory follows the work instead of the heap's
+    high-water mark (bench/memory_plateau.py). A no-op where the allocator was left alone."""
+    if not _allocator_tuned:
+        return False
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - glibc has it whenever mallopt was applied
+        return False
+    return True

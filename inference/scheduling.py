@@ -150,19 +150,30 @@ class Scheduler:
         with self._cond:
             return len(self._jobs)
 
-    def next_batch(self, max_tokens: int, wait_s: float) -> list[Unit] | None:
+    def next_batch(self, max_tokens: int, wait_s: float, *, on_idle=None, idle_s: float = 0.0) -> list[Unit] | None:
         """Block until there is work; while it is under ``max_tokens``, gather until ``wait_s`` after this
         call began (the batcher became free: an idle batcher starts new work at once); then take units
         round-robin (jobs served longest ago first, oldest first among equals) up to ``max_tokens`` (a
-        unit larger than that only into an empty batch). None: stop."""
+        unit larger than that only into an empty batch). None: stop.
+
+        ``on_idle``: called once, without the lock held, if no work came for ``idle_s`` seconds."""
         with self._cond:
             gather_until = time.monotonic() + wait_s
+            idle_called = on_idle is None
             while True:
                 self._expire()
                 if not self._jobs:
                     if self._stopping:
                         return None
-                    self._cond.wait()
+                    if idle_called:
+                        self._cond.wait()
+                    elif not self._cond.wait(idle_s) and not self._jobs and not self._stopping:
+                        idle_called = True
+                        self._cond.release()  # a submit must not wait for the callback
+                        try:
+                            on_idle()
+                        finally:
+                            self._cond.acquire()
                     continue
                 while self._pending < max_tokens and not self._stopping:
                     left = gather_until - time.monotonic()

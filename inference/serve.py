@@ -96,6 +96,11 @@ TEXT_BYTES_PER_S = {"cuda": 100_000, "cpu": 2_000}
 # A 1024-dimension float response is ~13 KB per record: ~16 bytes of response per byte of ~800-byte records.
 RESPONSE_PER_REQUEST_BYTE = 16
 SAGEMAKER_PAYLOAD_BUDGET_MB = 100  # SageMaker: MaxPayloadInMB × MaxConcurrentTransforms ≤ 100
+# A CPU engine keeps the memory it frees (cpu_runtime.keep_freed_memory: the next batch is faster for it);
+# a batcher hands it back to the system once idle this long, and at most every TRIM_INTERVAL_S under load,
+# so that the server's resident memory follows its work, not the high-water mark of its heap.
+IDLE_TRIM_S = 2.0
+TRIM_INTERVAL_S = 30.0
 WAIT_SLICE_S = 0.05  # how often a handler waiting for its job checks that its client is still there
 # The server's own settings beyond inference/settings.py (whose work caps both runtimes apply):
 # variable, default, meaning.
@@ -168,6 +173,12 @@ def _check_descriptors(max_connections: int) -> None:
         )
 
 
+def _return_freed_memory() -> bool:
+    from .cpu_runtime import return_freed_memory  # here: the server itself loads without torch
+
+    return return_freed_memory()
+
+
 class Batcher:
     """One thread that owns one engine and embeds the batches the shared scheduler gives it."""
 
@@ -183,11 +194,19 @@ class Batcher:
         self._thread.join(timeout=timeout)
 
     def _run(self) -> None:
+        trimmed = time.monotonic()
         while True:
-            batch = self._scheduler.next_batch(self.max_tokens, self.wait_s)
+            batch = self._scheduler.next_batch(self.max_tokens, self.wait_s, on_idle=self._idle, idle_s=IDLE_TRIM_S)
             if batch is None:
                 return
             self._scheduler.complete(batch, self._embed(batch))
+            if time.monotonic() - trimmed >= TRIM_INTERVAL_S:  # under load, now and then (see IDLE_TRIM_S)
+                _return_freed_memory()
+                trimmed = time.monotonic()
+
+    def _idle(self) -> None:
+        if _return_freed_memory():
+            log.debug("%s idle for %g s: freed memory returned to the system", self._thread.name, IDLE_TRIM_S)
 
     def _embed(self, batch) -> list:
         """One ``embed_many`` call over the batch's pieces of plans: a result or an error for each."""

@@ -6,6 +6,8 @@ Correctness only; the speed of each path is measured in bench/cpu_paths.py, neve
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -154,8 +156,6 @@ def test_allocator_is_left_alone_when_the_operator_tuned_it(monkeypatch):
 
 
 def test_allocator_setting_is_applied_once_and_large_blocks_still_work(engine):
-    import sys
-
     if sys.platform.startswith("linux"):
         assert cpu_runtime._allocator_tuned in (True, False)  # decided once, at the first CPU load
     first = keep_freed_memory()
@@ -164,3 +164,39 @@ def test_allocator_setting_is_applied_once_and_large_blocks_still_work(engine):
         big = torch.ones(96 << 20, dtype=torch.uint8)
         assert int(big[-1]) == 1
         del big
+
+
+KEPT_THEN_RETURNED = """
+import numpy as np
+from inference.cpu_runtime import keep_freed_memory, return_freed_memory
+
+def rss_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+assert keep_freed_memory() is True
+before = rss_mib()
+block = np.ones(256 << 20, dtype=np.uint8)  # 256 MiB from the heap (no mmap under keep_freed_memory)
+del block
+kept = rss_mib()
+assert return_freed_memory() is True
+print(before, kept, rss_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_kept_memory_stays_resident_until_it_is_returned():
+    """GIVEN the engine's allocator setting (freed memory kept, for the next batch's speed)
+    WHEN 256 MiB is allocated and freed, and then ``return_freed_memory`` runs
+    THEN the freed memory stayed resident until then, and left with it (the idle server's trim)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", KEPT_THEN_RETURNED], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, kept, returned = map(float, out.stdout.split())
+    assert kept - before > 200, f"the freed block was not kept: RSS {before:.0f} -> {kept:.0f} MiB"
+    assert kept - returned > 200, f"the kept block was not returned: RSS {kept:.0f} -> {returned:.0f} MiB"
+
+
+def test_returning_memory_is_a_no_op_where_the_allocator_was_left_alone(monkeypatch):
+    monkeypatch.setattr(cpu_runtime, "_allocator_tuned", False)
+    assert cpu_runtime.return_freed_memory() is False

@@ -389,3 +389,32 @@ def test_a_batcher_that_just_became_free_gathers_for_its_window():
     scheduler.submit(Job([FakePlan("second", 1, 10)], deadline=far, quantum=100))
     thread.join(timeout=10)
     assert names(out[0]) == ["first", "second"]
+
+
+def test_an_idle_batcher_calls_on_idle_once_and_still_takes_the_next_work():
+    """GIVEN a batcher with nothing to do (the local server returns kept memory then)
+    WHEN no work comes for ``idle_s``
+    THEN ``on_idle`` runs once, without the scheduler's lock (a submit from it does not deadlock), and
+    the batcher goes on waiting for, and takes, the next job."""
+    scheduler, calls = Scheduler(), []
+
+    def on_idle():
+        calls.append(time.monotonic())
+        if len(calls) == 1:  # a request arriving while the memory is being returned
+            scheduler.submit(Job([FakePlan("after idle", 1, 10)], deadline=time.monotonic() + 600, quantum=100))
+
+    batch = scheduler.next_batch(1000, 0, on_idle=on_idle, idle_s=0.05)
+    assert names(batch) == ["after idle"] and len(calls) == 1
+    thread, out = batch_in_thread(scheduler, 1000, 0)  # no on_idle: waits without a timeout
+    time.sleep(0.2)
+    assert thread.is_alive()
+    scheduler.submit(Job([FakePlan("next", 1, 10)], deadline=time.monotonic() + 600, quantum=100))
+    thread.join(timeout=10)
+    assert names(out[0]) == ["next"]
+
+
+def test_work_that_comes_before_idle_s_does_not_call_on_idle():
+    scheduler, calls = Scheduler(), []
+    scheduler.submit(Job([FakePlan("waiting", 1, 10)], deadline=time.monotonic() + 600, quantum=100))
+    assert names(scheduler.next_batch(1000, 0, on_idle=lambda: calls.append(1), idle_s=0.01)) == ["waiting"]
+    assert calls == []
