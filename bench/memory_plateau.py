@@ -1,6 +1,6 @@
 """Does the local endpoint's memory level off? The same load, round after round, and its RSS after each.
 
-    python -m bench.memory_plateau                      → bench/RESULTS-soak.md (its memory section)
+    python -m bench.memory_plateau                      → bench/RESULTS-memory.md
     python -m bench.memory_plateau --rounds 6 --no-write
 
 The soak (bench/soak.py) saw the server's RSS rise for ten minutes under a random mix, which cannot
@@ -45,10 +45,11 @@ import numpy as np
 
 from bench.checkpoints import FIXTURE
 from bench.serving import LocalServer, handle_stop_signals, machine
-from bench.soak import OUT_MD, build_pool
+from bench.soak import build_pool
 from inference.protocol import Limits
 from inference.settings import Settings
 
+OUT_MD = Path(__file__).resolve().parent / "RESULTS-memory.md"
 HEADING = "## Memory: the same load, round after round (bench/memory_plateau.py)"
 CLIENT_TIMEOUT_S = 300
 
