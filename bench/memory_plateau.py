@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.checkpoints import FIXTURE
+from bench.sections import replace_section
 from bench.serving import LocalServer, handle_stop_signals, machine
 from bench.soak import build_pool
 from inference.protocol import Limits
@@ -224,17 +225,6 @@ def report(results: dict, info: dict, args) -> str:
     return "\n".join(lines)
 
 
-def write_section(section: str) -> None:
-    text = OUT_MD.read_text() if OUT_MD.exists() else ""
-    if HEADING in text:
-        before, after = text.split(HEADING, 1)
-        rest = after.find("\n## ")
-        text = before + section + (after[rest + 1 :] if rest >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    OUT_MD.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=12, help="rounds of the same load (default 12)")
@@ -254,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     section = report(measure(args), info, args)
     print(section)
     if not args.no_write:
-        write_section(section)
+        replace_section(OUT_MD, section, (HEADING,))
         print(f"wrote {OUT_MD}", file=sys.stderr)
     return 0
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from bench.sections import replace_section
 from inference import protocol
 from inference.request import EmbedRequest, EmbedResult
 
@@ -209,19 +210,6 @@ def report(rows: list[tuple], source: str, floor: list[tuple[str, str, float]], 
     return "\n".join(lines)
 
 
-def write_section(section: str) -> None:
-    """Replace this benchmark's section of RESULTS-serving.md (or append it), keeping everything else."""
-    text = OUT.read_text() if OUT.exists() else ""
-    heading = next((h for h in (HEADING, *OLD_HEADINGS) if h in text), None)
-    if heading:
-        before, after = text.split(heading, 1)
-        rest = after.find("\n## ")
-        text = before + section + (after[rest + 1 :] if rest >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    OUT.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=9, help="runs of each writer (median reported)")
@@ -231,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     section = report(rows, source, floor, args.runs)
     print(section)
     if not args.no_write:
-        write_section(section)
+        replace_section(OUT, section, (HEADING, *OLD_HEADINGS))
         print(f"wrote {OUT}", file=sys.stderr)
     return 0
 
